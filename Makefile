@@ -1,0 +1,45 @@
+# `make test` and `make demo` bootstrap everything they need into .venv on a machine that
+# has only Python 3. Torch is installed first, on its own, so that pip never resolves the
+# plain `torch` requirement to a multi-GB CUDA build: override TORCH_SPEC to pick another.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.collapsewatch-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench browser clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+# Debian's Chromium for the end-to-end dashboard tests; without it (and without root to
+# install it) those tests skip, unless COLLAPSEWATCH_REQUIRE_BROWSER=1 makes them fail.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y --no-install-recommends chromium chromium-driver \
+		|| { apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; }; \
+	else echo "chromium not found and cannot be installed here: browser tests will skip"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) browser lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/bench_losses.py --device cpu --quick
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_losses.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

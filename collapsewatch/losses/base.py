@@ -1,0 +1,66 @@
+"""The module shell shared by the bundled triplet losses."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from collapsewatch.losses.distances import Distance, check_distance
+from collapsewatch.losses.functional import Mining, TripletStatistics, check_margin, triplet_loss
+
+
+class TripletLoss(torch.nn.Module):
+    """Base of the bundled triplet losses: a mining rule applied to a distance matrix.
+
+    Subclasses set ``mining``; the pipeline (check inputs → distances → mining → statistics)
+    is :func:`collapsewatch.losses.functional.triplet_loss`.
+
+    Attributes:
+        margin: m > 0.
+        scaled: divide (d_ap − d_an) by the mean hardest negative distance (Quaterion).
+        distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        statistics: compute :class:`TripletStatistics` on every call (the default). ``watch()``
+            switches it on only for the steps it records.
+        check_finite: reject NaN/inf embeddings with a ``ValueError`` naming the rows. On a GPU
+            this reads one flag back per call; set it to False for a sync-free step.
+        last_stats: the statistics of the latest call (device tensors), or None.
+    """
+
+    mining: ClassVar[Mining]
+    higher_is_better: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        scaled: bool = False,
+        distance: Distance = "euclidean",
+        *,
+        statistics: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.margin = check_margin(margin)
+        self.scaled = bool(scaled)
+        self.distance: Distance = check_distance(distance)
+        self.statistics = bool(statistics)
+        self.check_finite = bool(check_finite)
+        self.last_stats: TripletStatistics | None = None
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(N, D) float embeddings, (N,) integer labels → scalar loss."""
+        loss, self.last_stats = triplet_loss(
+            embeddings,
+            labels,
+            self.margin,
+            mining=self.mining,
+            scaled=self.scaled,
+            distance=self.distance,
+            with_statistics=self.statistics,
+            check_finite=self.check_finite,
+        )
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, scaled={self.scaled}, distance={self.distance!r}"

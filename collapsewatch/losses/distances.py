@@ -1,0 +1,64 @@
+"""Pairwise distance matrices for the triplet losses.
+
+All three distances are computed from one Gram matrix, in float32 (float64 stays float64)
+with autocast disabled, so half-precision inputs and mixed-precision training get the same
+distances as float32 training.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Distance = Literal["euclidean", "squared_euclidean", "cosine"]
+DISTANCES: tuple[str, ...] = get_args(Distance)
+
+
+def check_distance(distance: str) -> Distance:
+    """Return ``distance`` if it names a supported distance, else raise ``ValueError``."""
+    if distance not in DISTANCES:
+        raise ValueError(
+            f"distance must be one of {', '.join(map(repr, DISTANCES))}; got {distance!r}"
+        )
+    return distance  # type: ignore[return-value]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck, references); every other float computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> Tensor:
+    """Distance between every pair of rows.
+
+    Args:
+        embeddings: (N, D) floating-point tensor.
+        distance: ``"euclidean"`` ‖x_i − x_j‖, ``"squared_euclidean"`` ‖x_i − x_j‖², or
+            ``"cosine"`` 1 − x_i·x_j / (‖x_i‖ ‖x_j‖) (a zero vector is at distance 1 from all).
+
+    Returns:
+        (N, N) tensor in float32 (float64 for float64 input), ≥ 0, differentiable.
+
+    ‖x_i − x_j‖² is taken as G_ii + G_jj − 2 G_ij with G = X Xᵀ. The rows are centred first
+    (distances do not change) so that embeddings collapsed far from the origin do not lose
+    their small distances to cancellation, and the squared norms are read off G's own
+    diagonal so that duplicate rows come out at exactly zero. The square root has a zero
+    gradient at zero distance (a valid subgradient) instead of an infinite one.
+    """
+    check_distance(distance)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        x = embeddings.to(compute_dtype(embeddings.dtype))
+        if distance == "cosine":
+            unit = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
+            return (1.0 - unit @ unit.T).clamp(0.0, 2.0)
+        x = x - x.mean(dim=0, keepdim=True).detach()
+        gram = x @ x.T
+        squared_norms = torch.diagonal(gram)
+        squared = (squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram).clamp_min(0.0)
+        if distance == "squared_euclidean":
+            return squared
+        positive = squared > 0
+        # clamp inside the where so the unused branch never differentiates sqrt at 0.
+        return torch.where(positive, squared.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)

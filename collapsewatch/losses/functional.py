@@ -120,8 +120,8 @@ class TripletStatistics:
 
     def as_dict(self) -> dict[str, Tensor]:
         """Every field and ratio by name, as 0-d device tensors."""
-        named = dict(zip(STATISTIC_FIELDS, self.values.unbind()))
-        named.update(zip(STATISTIC_RATIOS, self.ratios().unbind()))
+        named = dict(zip(STATISTIC_FIELDS, self.values.unbind(), strict=True))
+        named.update(zip(STATISTIC_RATIOS, self.ratios().unbind(), strict=True))
         return named
 
 

@@ -41,10 +41,11 @@ def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> 
     Returns:
         (N, N) tensor in float32 (float64 for float64 input), ≥ 0, differentiable.
 
-    ‖x_i − x_j‖² is taken as G_ii + G_jj − 2 G_ij with G = X Xᵀ. The rows are centred first
-    (distances do not change) so that embeddings collapsed far from the origin do not lose
-    their small distances to cancellation, and the squared norms are read off G's own
-    diagonal so that duplicate rows come out at exactly zero. The square root has a zero
+    ‖x_i − x_j‖² is taken as G_ii + G_jj − 2 G_ij with G = X Xᵀ. Every row is first shifted
+    by the first row (distances do not change) so that embeddings collapsed far from the
+    origin do not lose their small distances to cancellation; a data row rather than the mean
+    keeps the shift exact where the inputs are (ties stay ties). The squared norms are read
+    off G's own diagonal so that duplicate rows come out at exactly zero. The square root has a zero
     gradient at zero distance (a valid subgradient) instead of an infinite one.
     """
     check_distance(distance)
@@ -53,7 +54,7 @@ def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> 
         if distance == "cosine":
             unit = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
             return (1.0 - unit @ unit.T).clamp(0.0, 2.0)
-        x = x - x.mean(dim=0, keepdim=True).detach()
+        x = x - x[:1].detach()
         gram = x @ x.T
         squared_norms = torch.diagonal(gram)
         squared = (squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram).clamp_min(0.0)

@@ -1,0 +1,391 @@
+"""The bundled losses against the explicit-enumeration reference in tests/reference.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from collapsewatch.losses import (
+    BatchAllTripletLoss,
+    BatchHardTripletLoss,
+    TripletStatistics,
+    functional,
+)
+from collapsewatch.losses.functional import STATISTIC_FIELDS, STATISTIC_RATIOS
+from tests import reference
+
+MININGS = ["batch_hard", "batch_all"]
+DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
+MODULES = {"batch_hard": BatchHardTripletLoss, "batch_all": BatchAllTripletLoss}
+FUNCTIONS = {
+    "batch_hard": functional.batch_hard_triplet_loss,
+    "batch_all": functional.batch_all_triplet_loss,
+}
+
+
+def fast(x, labels, margin, mining, scaled, distance, **kwargs):
+    return FUNCTIONS[mining](x, labels, margin, scaled=scaled, distance=distance, **kwargs)
+
+
+def random_batch(seed: int, n: int, dim: int, classes: int, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) * scale
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return x, labels
+
+
+def pk_batch(seed: int, p: int, k: int, dim: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(p).repeat_interleave(k)[torch.randperm(p * k, generator=g)]
+    return torch.randn(p * k, dim, generator=g, dtype=torch.float64), labels
+
+
+def loss_and_grad(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return loss.detach(), torch.zeros_like(x) if grad is None else grad
+
+
+CASES = list(itertools.product(MININGS, [False, True], DISTANCES))
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+@pytest.mark.parametrize(("seed", "n", "classes"), [(0, 12, 3), (1, 20, 4), (2, 9, 2), (3, 16, 6)])
+def test_value_and_gradient_match_reference(mining, scaled, distance, seed, n, classes):
+    x, labels = random_batch(seed, n, 5, classes)
+    margin = 0.7
+    want, want_grad = loss_and_grad(reference.LOSSES[mining], x, labels, margin, scaled, distance)
+    got, got_grad = loss_and_grad(fast, x, labels, margin, mining, scaled, distance)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+def test_float32_matches_float64_reference(mining, scaled, distance):
+    x, labels = random_batch(7, 24, 16, 4)
+    want = reference.LOSSES[mining](x, labels, 0.5, scaled, distance)
+    got = fast(x.float(), labels, 0.5, mining, scaled, distance)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gradcheck_float64(mining, scaled, distance):
+    x, labels = random_batch(11, 10, 4, 3)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda e: fast(e, labels, 0.9, mining, scaled, distance), (x,), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+def test_pk_batches_match_reference(mining, scaled):
+    x, labels = pk_batch(5, p=4, k=4, dim=8)
+    want, want_grad = loss_and_grad(reference.LOSSES[mining], x, labels, 0.3, scaled, "euclidean")
+    got, got_grad = loss_and_grad(fast, x, labels, 0.3, mining, scaled, "euclidean")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+def test_singleton_classes_are_not_anchors(mining, scaled):
+    # Labels 3 and 4 have one member: they are negatives for others but never anchors.
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 4])
+    x = random_batch(3, 9, 4, 1)[0]
+    want, want_grad = loss_and_grad(reference.LOSSES[mining], x, labels, 0.5, scaled, "euclidean")
+    got, got_grad = loss_and_grad(fast, x, labels, 0.5, mining, scaled, "euclidean")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-10)
+    _, stats = fast(x, labels, 0.5, mining, scaled, "euclidean", return_statistics=True)
+    assert stats.num_valid_anchors.item() == 7
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+def test_ties_on_an_integer_grid(mining, scaled, distance):
+    # Coordinates in {0, 1, 2}: many exactly equal distances and some coincident points.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 3, (18, 3), generator=g).double()
+    labels = torch.randint(0, 3, (18,), generator=g)
+    want, want_grad = loss_and_grad(reference.LOSSES[mining], x, labels, 1.0, scaled, distance)
+    got, got_grad = loss_and_grad(fast, x, labels, 1.0, mining, scaled, distance)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(got_grad).all()
+    if mining == "batch_all" and not scaled:
+        # No max or min is taken (the scaled divisor S has a min), so ties leave no
+        # subgradient to choose and the gradients must agree too.
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+def test_duplicate_points(mining, scaled):
+    # Rows 1 and 4 are the same point (same label); row 6 duplicates row 0 under another label.
+    x, labels = random_batch(8, 10, 4, 3)
+    labels[[1, 4]] = 2
+    labels[6] = (labels[0] + 1) % 3
+    x[4] = x[1]
+    x[6] = x[0]
+    want, want_grad = loss_and_grad(reference.LOSSES[mining], x, labels, 0.5, scaled, "euclidean")
+    got, got_grad = loss_and_grad(fast, x, labels, 0.5, mining, scaled, "euclidean")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(got_grad).all()
+    # How a max splits its gradient between exact duplicates is a free choice; the
+    # gradient of moving a duplicate group together is not.
+    groups = [[1, 4], [0], [6], *[[i] for i in (2, 3, 5, 7, 8, 9)]]
+    for group in groups:
+        torch.testing.assert_close(
+            got_grad[group].sum(0), want_grad[group].sum(0), rtol=1e-7, atol=1e-10
+        )
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+@pytest.mark.parametrize("scale", [1e-5, 1e4])
+def test_very_small_and_very_large_scales(mining, scaled, scale):
+    x, labels = random_batch(9, 20, 8, 4, scale=scale)
+    margin = 0.2 * scale
+    want = reference.LOSSES[mining](x, labels, margin, scaled, "euclidean")
+    got, got_grad = loss_and_grad(fast, x.float(), labels, margin, mining, scaled, "euclidean")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+    assert torch.isfinite(got_grad).all()
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_small_distances_far_from_origin_keep_their_precision(mining):
+    # A nearly collapsed batch far from the origin: ‖x‖ ≈ 100, spread 1e-3. Without
+    # centring, float32 cancellation in ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j would swamp it.
+    x, labels = random_batch(10, 32, 16, 4, scale=1e-3)
+    x = x + 100.0 / 4
+    want = reference.statistics(x, labels, 1e-3, mining, False, "euclidean")
+    _, stats = fast(x.float(), labels, 1e-3, mining, False, "euclidean", return_statistics=True)
+    assert stats.mean_pairwise_distance.item() == pytest.approx(
+        want["mean_pairwise_distance"], rel=1e-3
+    )
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+@pytest.mark.parametrize(
+    "labels",
+    [[3, 3, 3, 3], [0, 1, 2, 3, 4], [5], []],
+    ids=["one-class", "all-distinct", "N=1", "N=0"],
+)
+def test_degenerate_batches_give_attached_zero(mining, scaled, distance, labels):
+    labels = torch.tensor(labels, dtype=torch.long)
+    x = torch.randn(len(labels), 4, requires_grad=True)
+    loss, stats = fast(x, labels, 0.2, mining, scaled, distance, return_statistics=True)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
+    for name, value in stats.as_dict().items():
+        assert torch.isfinite(value), name
+    assert stats.num_valid_triplets.item() == 0
+
+
+@pytest.mark.parametrize(("mining", "distance"), list(itertools.product(MININGS, DISTANCES)))
+def test_collapsed_batch_sits_at_the_margin(mining, distance):
+    # Every embedding the same point: all distances are 0 and every triplet's term is m.
+    x = torch.full((12, 6), 0.3, requires_grad=True)
+    labels = torch.arange(12) % 3
+    loss = fast(x, labels, 0.25, mining, False, distance)
+    assert loss.item() == pytest.approx(0.25, abs=1e-7)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_scaled_variant_is_finite_when_every_embedding_is_identical(mining):
+    x = torch.ones(8, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss, stats = fast(x, labels, 0.2, mining, True, "euclidean", return_statistics=True)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.2)
+    assert torch.isfinite(x.grad).all()
+    assert stats.mean_pairwise_distance.item() == 0.0
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+def test_gradient_is_finite_when_two_embeddings_coincide(mining, scaled):
+    x, labels = random_batch(12, 8, 4, 2)
+    x = x.float()
+    x[3] = x[5]
+    labels[3], labels[5] = 0, 1  # coincident anchor and negative: the hardest negative
+    x.requires_grad_(True)
+    fast(x, labels, 0.2, mining, scaled, "euclidean").backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(mining, scaled, distance, dtype):
+    x, labels = random_batch(13, 16, 8, 4)
+    x_half = x.to(dtype).requires_grad_(True)
+    loss = fast(x_half, labels, 0.5, mining, scaled, distance)
+    assert loss.dtype == torch.float32
+    # Distances are computed in float32 from the (rounded) half-precision values.
+    want = fast(x_half.detach().float(), labels, 0.5, mining, scaled, distance)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert x_half.grad.dtype == dtype and torch.isfinite(x_half.grad).all()
+
+
+@pytest.mark.parametrize(("mining", "scaled"), list(itertools.product(MININGS, [False, True])))
+def test_autocast_computes_distances_in_float32(mining, scaled):
+    x, labels = random_batch(14, 24, 8, 4)
+    x = x.float().requires_grad_(True)
+    plain = fast(x, labels, 0.5, mining, scaled, "euclidean")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fast(x, labels, 0.5, mining, scaled, "euclidean")
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain)
+    autocast.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_statistics_match_reference(mining, scaled, distance, seed):
+    x, labels = random_batch(20 + seed, 14, 3, 3)
+    margin = 0.6
+    want = reference.statistics(x, labels, margin, mining, scaled, distance)
+    _, stats = fast(x, labels, margin, mining, scaled, distance, return_statistics=True)
+    got = stats.as_dict()
+    for name, value in want.items():
+        assert got[name].item() == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert got["frac_easy"] + got["frac_semihard"] + got["frac_hard"] == pytest.approx(1.0)
+
+
+def test_statistics_are_sufficient_and_on_the_device():
+    x, labels = random_batch(30, 10, 3, 2)
+    _, stats = functional.batch_all_triplet_loss(x, labels, return_statistics=True)
+    assert isinstance(stats, TripletStatistics)
+    assert stats.values.shape == (len(STATISTIC_FIELDS),)
+    assert stats.values.device == x.device and stats.values.dtype == torch.float64
+    assert not stats.values.requires_grad
+    # Ratios of summed vectors are the statistics of the union of the batches.
+    _, other = functional.batch_all_triplet_loss(x[:6], labels[:6], return_statistics=True)
+    combined = functional.ratios_of(stats.values + other.values)
+    num, den = STATISTIC_RATIOS["frac_hard"]
+    expected = (stats.num_hard + other.num_hard) / (
+        stats.num_valid_triplets + other.num_valid_triplets
+    )
+    assert combined[list(STATISTIC_RATIOS).index("frac_hard")].item() == pytest.approx(
+        expected.item()
+    )
+    assert (num, den) == ("num_hard", "num_valid_triplets")
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_module_records_last_stats(mining):
+    x, labels = random_batch(31, 12, 4, 3)
+    module = MODULES[mining](margin=0.4, scaled=True, distance="cosine")
+    assert module.last_stats is None
+    loss = module(x, labels)
+    want = fast(x, labels, 0.4, mining, True, "cosine")
+    torch.testing.assert_close(loss, want)
+    assert module.last_stats is not None
+    assert module.last_stats.num_valid_triplets.item() > 0
+    module.statistics = False
+    module(x, labels)
+    assert module.last_stats is None
+    assert "margin=0.4" in repr(module) and "cosine" in repr(module)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_batch_all_and_hard_never_build_anything_larger_than_n_squared(mining):
+    # Record the size of every tensor that forward and backward create.
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    n = 300
+    x, labels = random_batch(32, n, 16, 10)
+    x.requires_grad_(True)
+    with LargestTensor() as mode:
+        loss, _ = fast(x, labels, 0.2, mining, False, "euclidean", return_statistics=True)
+        loss.backward()
+    assert mode.largest <= n * (n + 1)
+
+
+BAD_INPUTS = [
+    (lambda: (torch.randn(4, 3), torch.tensor([0, 1, 0])), "disagree on the batch size"),
+    (lambda: (torch.randn(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0])), "integer tensor"),
+    (lambda: (torch.randn(4, 3), torch.tensor([True, False, True, False])), "integer tensor"),
+    (lambda: (torch.randn(4, 3, 2), torch.tensor([0, 1, 0, 1])), "2-D"),
+    (lambda: (torch.randn(3), torch.tensor([0, 1, 0])), "2-D"),
+    (lambda: (torch.randn(4, 3), torch.tensor([[0, 1], [0, 1]])), "1-D"),
+    (lambda: (torch.arange(12).view(4, 3), torch.tensor([0, 1, 0, 1])), "floating point"),
+    (lambda: (torch.randn(4, 3), [0, 1, 0, 1]), "labels must be a torch.Tensor"),
+    (
+        lambda: (torch.randn(4, 3), torch.tensor([0, 1, 0, 1], device="meta")),
+        "labels are on meta",
+    ),
+]
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize(("make", "message"), BAD_INPUTS)
+def test_bad_input_is_a_clear_value_error(mining, make, message):
+    x, labels = make()
+    with pytest.raises(ValueError, match=message):
+        MODULES[mining]()(x, labels)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_embeddings_name_their_rows(mining, bad):
+    x = torch.randn(6, 3)
+    x[2, 1] = bad
+    x[5, 0] = bad
+    with pytest.raises(ValueError, match=r"2 of 6 rows \(rows 2, 5\)"):
+        MODULES[mining]()(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+@pytest.mark.parametrize("margin", [0, -0.1, float("nan"), float("inf"), "big"])
+def test_bad_margin(margin):
+    with pytest.raises(ValueError, match="margin"):
+        BatchHardTripletLoss(margin=margin)
+
+
+def test_bad_distance():
+    with pytest.raises(ValueError, match="distance must be one of"):
+        BatchAllTripletLoss(distance="manhattan")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize(("mining", "scaled", "distance"), CASES)
+def test_cuda_matches_cpu(mining, scaled, distance):
+    x, labels = random_batch(40, 64, 16, 5)
+    x = x.float()
+    want, want_grad = loss_and_grad(fast, x, labels, 0.3, mining, scaled, distance)
+    got, got_grad = loss_and_grad(fast, x.cuda(), labels.cuda(), 0.3, mining, scaled, distance)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=1e-3, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("mining", MININGS)
+def test_cuda_loss_and_statistics_never_synchronise(mining):
+    x, labels = random_batch(41, 256, 32, 8)
+    x, labels = x.float().cuda().requires_grad_(True), labels.cuda()
+    module = MODULES[mining](check_finite=False)
+    module(x, labels).backward()  # warm-up: first calls may initialise lazily
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(x, labels).backward()
+        module.last_stats.ratios()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

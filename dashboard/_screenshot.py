@@ -1,0 +1,286 @@
+"""Regenerate the README screenshot, ``docs/dashboard.png``.
+
+    python -m collapsewatch.dashboard._screenshot                  # two synthetic demo runs
+    python -m collapsewatch.dashboard._screenshot --logdir runs/   # your own runs
+
+Needs Playwright's Python package and a Chromium (``/usr/bin/chromium`` by default). The
+demo runs are synthetic but shaped like real ones: a batch-hard run whose loss/margin climbs
+to 1.000 as its mean pairwise distance falls from ~0.5 to ~0.002 around step 60 (with the
+detector's warning and collapsed events), and a healthy scaled run whose loss goes to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from collapsewatch.store import Event, RunWriter
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+DIM, CLASSES, PER_CLASS, STEPS = 32, 10, 40, 300
+
+
+@contextmanager
+def serve_in_thread(app: object, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve a Dash ``app`` from a background thread on a free port; yields its URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server(host, 0, app.server, threaded=True)  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_port}/"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def _smooth_step(t: np.ndarray, centre: float, width: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-(t - centre) / width))
+
+
+def _clusters(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centres = rng.normal(0, 0.35, size=(CLASSES, DIM))
+    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    noise = rng.normal(0, 1, size=(CLASSES * PER_CLASS, DIM))
+    return centres, labels, noise
+
+
+def write_collapsing_run(logdir: Path, name: str = "batchhard-lr0.1", seed: int = 0) -> Path:
+    """A batch-hard run that collapses around step 60 and stays collapsed."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(STEPS, dtype=float)
+    margin = 0.2
+    fall = _smooth_step(t, 42, 4.5)  # 0 → 1 as the embeddings contract
+    mpd = (0.5 - 0.498 * fall) * np.exp(rng.normal(0, 0.04, STEPS))
+    mpd[:25] *= np.linspace(0.85, 1.0, 25)  # a brief rise before the fall
+    ratio = 0.86 + 0.14 * fall + rng.normal(0, 0.025, STEPS) * (1 - fall)
+    ratio = np.where(fall > 0.995, 1.0 - rng.uniform(0, 2e-4, STEPS), ratio)
+    hard = 0.32 + 0.66 * fall + rng.normal(0, 0.02, STEPS) * (1 - fall)
+    easy = np.clip(0.28 * (1 - fall) + rng.normal(0, 0.02, STEPS) * (1 - fall), 0, 1)
+    semi = np.clip(1 - hard - easy, 0, 1)
+    std = (1 / math.sqrt(DIM)) * (0.92 - 0.88 * fall) * np.exp(rng.normal(0, 0.02, STEPS))
+    rank = np.full(STEPS, np.nan)
+    rank[::10] = (
+        1.2 + 21 * (1 - fall[::10]) + rng.normal(0, 0.4, len(rank[::10])) * (1 - fall[::10])
+    )
+    frame = _frame(t, margin, ratio, mpd, hard, semi, easy, std, rank)
+    path = logdir / f"{name}.cwrun"
+    writer = RunWriter(
+        path,
+        {
+            "margin": margin,
+            "embedding_dim": DIM,
+            "model_class": "ResNet18Embedder",
+            "loss_class": "BatchHardTripletLoss",
+            "world_size": 1,
+            "config": {"lr": 0.1, "optimizer": "SGD", "batch_size": 64, "mining": "batch_hard"},
+        },
+    )
+    writer.append_metrics(frame)
+    peak = float(np.nanmax(mpd))
+    warn, onset = 52, 63
+    writer.append_events(
+        [
+            Event(
+                step=warn,
+                kind="warning",
+                state="warning",
+                message=(
+                    f"Mean pairwise distance is down to {mpd[warn]:.3g} "
+                    f"({mpd[warn] / peak:.0%} of its peak) and loss/margin is "
+                    f"{ratio[warn]:.3f}: the embeddings are contracting."
+                ),
+                suggestion="Keep an eye on it; if it keeps falling, lower the learning rate.",
+                evidence={
+                    "loss_margin_ratio": float(ratio[warn]),
+                    "mean_pairwise_distance": float(mpd[warn]),
+                    "peak_mean_pairwise_distance": peak,
+                },
+                time=float(frame["time"].iloc[warn]),
+            ),
+            Event(
+                step=onset,
+                kind="collapsed",
+                state="collapsed",
+                message=(
+                    "Embedding collapse: every input maps to about one point (mean pairwise "
+                    f"distance {mpd[onset]:.2g}, {mpd[onset] / peak:.1%} of its peak) and the "
+                    "batch-hard loss sits at the margin."
+                ),
+                suggestion=(
+                    "Lower the learning rate (÷10) or warm it up; start with batch-all or "
+                    "semi-hard mining before batch-hard; L2-normalise the embeddings; make "
+                    "sure batches hold several samples per class (P×K sampling)."
+                ),
+                evidence={
+                    "loss_margin_ratio": float(ratio[onset]),
+                    "mean_pairwise_distance": float(mpd[onset]),
+                    "peak_mean_pairwise_distance": peak,
+                    "embedding_variance": float(frame["embedding_variance"].iloc[onset]),
+                    "since_step": 58,
+                },
+                time=float(frame["time"].iloc[onset]),
+            ),
+        ]
+    )
+    centres, labels, noise = _clusters(rng)
+    anchor = rng.normal(0, 0.3, DIM)
+    for step in range(0, STEPS, 30):
+        scale = mpd[step] / 0.5
+        x = anchor + scale * (centres[labels] + 0.12 * noise)
+        writer.add_snapshot(step, x.astype(np.float32), labels.astype(np.int64))
+    writer.close("running")
+    return path
+
+
+def write_healthy_run(logdir: Path, name: str = "scaled-batchhard-lr0.01", seed: int = 1) -> Path:
+    """A healthy run with scaled (L2-normalised) embeddings: loss → 0, distance ≈ 1.26."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(STEPS, dtype=float)
+    margin = 0.2
+    learn = 1 - np.exp(-t / 70)
+    ratio = np.clip(0.92 * (1 - learn) + 0.015 + rng.normal(0, 0.03, STEPS) * (1 - learn), 0, None)
+    mpd = (0.95 + 0.31 * learn) * np.exp(rng.normal(0, 0.01, STEPS))
+    easy = np.clip(0.25 + 0.68 * learn + rng.normal(0, 0.02, STEPS), 0, 1)
+    hard = np.clip(0.35 * (1 - learn) + 0.01 + rng.normal(0, 0.01, STEPS), 0, 1)
+    semi = np.clip(1 - easy - hard, 0, 1)
+    std = (1 / math.sqrt(DIM)) * (0.94 + 0.04 * learn) * np.exp(rng.normal(0, 0.005, STEPS))
+    rank = np.full(STEPS, np.nan)
+    rank[::10] = 19 + 8 * learn[::10] + rng.normal(0, 0.3, len(rank[::10]))
+    frame = _frame(t, margin, ratio, mpd, hard, semi, easy, std, rank, normalised=True)
+    path = logdir / f"{name}.cwrun"
+    writer = RunWriter(
+        path,
+        {
+            "margin": margin,
+            "embedding_dim": DIM,
+            "model_class": "ResNet18Embedder",
+            "loss_class": "BatchHardTripletLoss",
+            "world_size": 1,
+            "config": {"lr": 0.01, "optimizer": "AdamW", "batch_size": 64, "scaled": True},
+        },
+    )
+    writer.append_metrics(frame)
+    centres, labels, noise = _clusters(rng)
+    for step in range(0, STEPS, 30):
+        x = centres[labels] + (0.3 - 0.22 * learn[step]) * noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        writer.add_snapshot(step, x.astype(np.float32), labels.astype(np.int64))
+    writer.close("finished")
+    return path
+
+
+def _frame(
+    t: np.ndarray,
+    margin: float,
+    ratio: np.ndarray,
+    mpd: np.ndarray,
+    hard: np.ndarray,
+    semi: np.ndarray,
+    easy: np.ndarray,
+    std: np.ndarray,
+    rank: np.ndarray,
+    normalised: bool = False,
+) -> pd.DataFrame:
+    n = len(t)
+    variance = mpd**2 / (2 * DIM)
+    return pd.DataFrame(
+        {
+            "step": t.astype(np.int64),
+            "time": time.time() - 2.0 * (n - t),
+            "loss": ratio * margin,
+            "margin": margin,
+            "loss_margin_ratio": ratio,
+            "embedding_variance": variance,
+            "mean_pairwise_distance": mpd,
+            "frac_easy": easy,
+            "frac_semihard": semi,
+            "frac_hard": hard,
+            "frac_positive_loss": np.clip(1 - easy, 0, 1),
+            "hardest_positive_mean": mpd * 0.9,
+            "hardest_negative_mean": mpd * 0.9 + (1 - ratio) * margin,
+            "embedding_norm_mean": np.ones(n) if normalised else 1.2 + mpd,
+            "std_of_l2_normalized": std,
+            "effective_rank": rank,
+            "nonfinite_count": np.zeros(n),
+            "embedding_dim": float(DIM),
+            "batch_size": 64.0,
+            "num_valid_triplets": 64.0,
+        }
+    )
+
+
+def write_demo_runs(logdir: Path) -> list[Path]:
+    """The two demo runs of the README screenshot, written into ``logdir``."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    return [write_collapsing_run(logdir), write_healthy_run(logdir)]
+
+
+def screenshot(
+    logdir: Path,
+    out: Path,
+    *,
+    width: int = 1400,
+    height: int = 1000,
+    chromium: str = CHROMIUM,
+) -> Path:
+    """Serve ``logdir``, open it in headless Chromium and save a PNG of the page."""
+    from collapsewatch.dashboard import create_app
+    from playwright.sync_api import expect, sync_playwright
+
+    app = create_app(logdir, interval_ms=1000)
+    with serve_in_thread(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            # Wait until the panels and the embedding scatter have drawn real data.
+            expect(page.locator("#cw-panels .scatterlayer .trace").first).to_be_attached()
+            expect(page.locator("#cw-embed-graph .scatterlayer .point").first).to_be_attached()
+            expect(page.locator("#cw-embed-caption")).to_contain_text("Step")
+            page.wait_for_timeout(500)  # let plotly finish its transitions before the shot
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: write demo runs (unless --logdir is given) and take the screenshot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logdir", type=Path, help="screenshot these runs instead of demo runs")
+    parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    parser.add_argument("--chromium", default=CHROMIUM)
+    args = parser.parse_args(argv)
+    if args.logdir is not None:
+        print(screenshot(args.logdir, args.out, chromium=args.chromium))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo_runs(Path(tmp))
+        print(screenshot(Path(tmp), args.out, chromium=args.chromium))
+
+
+if __name__ == "__main__":
+    main()

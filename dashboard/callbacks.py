@@ -1,0 +1,323 @@
+"""Callbacks: thin Dash wrappers around plain functions that take and return plain data.
+
+The ``*_update`` functions hold the logic and are what the unit tests call; the callbacks
+registered by :func:`register_callbacks` only translate ``None`` into ``dash.no_update``.
+
+Live panels (:func:`panels_update`): the figure is rebuilt — every series decimated to
+``max_points`` — when the page loads, when the selection changes, when a run gains an event
+or a new column, or, for a run already longer than ``max_points`` rows, once the rows
+appended since the last rebuild pass a quarter of ``max_points`` (so the exact live tail
+never grows without bound). Every other tick sends only the new rows, exactly, through the
+graph's ``extendData``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dash
+from dash import Input, Output, State
+
+from .data import InvalidRunIdError, RunCache, RunListing, RunView
+from .figures import (
+    embedding_caption,
+    embedding_figure,
+    panels_extension,
+    panels_figure,
+    run_colours,
+    run_signature,
+)
+from .layout import (
+    ID,
+    PANELS_HEIGHT,
+    banners,
+    error_card,
+    events_table,
+    run_option,
+)
+
+DEFAULT_SELECTION = 4  # runs plotted when the page first finds some
+MAX_SLIDER_MARKS = 6
+
+
+# ---------------------------------------------------------------------------------------
+# Run list, banners, error cards
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunListUpdate:
+    options: list[dict[str, Any]]
+    value: list[str] | None  # None: leave the selection alone
+    ready: bool
+    banners: list
+    errors: list
+    count: str
+    status: str
+
+
+def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> list[str]:
+    """The most recently updated readable runs, for a page that has selected nothing yet."""
+    readable = [e for e in listing.entries if e.summary is not None]
+    readable.sort(key=lambda e: e.summary.last_time or e.summary.num_steps or 0, reverse=True)
+    return sorted(e.run_id for e in readable[:limit])
+
+
+def run_list_update(
+    cache: RunCache, selected: Sequence[str] | None, ready: bool, now: float | None = None
+) -> RunListUpdate:
+    """The run list, banners and error cards for the runs now in the log directory.
+
+    The first time readable runs appear, the most recent ones are selected; after that the
+    user's selection is only trimmed of runs whose files went away.
+    """
+    now = time.time() if now is None else now
+    listing = cache.run_list()
+    present = {e.run_id for e in listing.entries if e.summary is not None}
+    selected = [s for s in (selected or []) if isinstance(s, str)]
+    value: list[str] | None = None
+    if not ready and present:
+        value, ready = default_selection(listing), True
+    elif any(s not in present for s in selected):
+        value = [s for s in selected if s in present]
+    plotted = value if value is not None else selected
+    colours = run_colours([s for s in plotted if s in present])
+    options = [run_option(e, colours.get(e.run_id), now) for e in listing.entries]
+    errors = [
+        error_card("Cannot read run", e.run_id, e.error or "") for e in listing.entries if e.error
+    ]
+    if listing.error:
+        errors.insert(0, error_card("Cannot read the log directory", None, listing.error))
+    n = len(listing.entries)
+    count = f"({n})" if n else "(none yet: waiting for runs to appear)"
+    status = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
+    return RunListUpdate(options, value, ready, banners(listing.entries), errors, count, status)
+
+
+# ---------------------------------------------------------------------------------------
+# Metric panels
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PanelUpdate:
+    figure: dict[str, Any] | None  # a full figure, or None
+    extend: list | None  # extendData, or None
+    state: dict[str, Any] | None  # the client's new panel state, or None if unchanged
+    errors: list | None = None  # error cards, or None if unchanged
+    events: Any = None  # the events table, or None if unchanged
+    rebuilt: bool = field(default=False)
+
+
+def load_views(
+    cache: RunCache, run_ids: Sequence[Any]
+) -> tuple[list[RunView], list[tuple[str, str]]]:
+    """Views of the requested runs, and (id, message) for each one that cannot be read."""
+    views, problems = [], []
+    for run_id in dict.fromkeys(r for r in run_ids if r is not None):
+        try:
+            views.append(cache.view(run_id))
+        except InvalidRunIdError as error:
+            problems.append((str(run_id)[:200], str(error)))
+        except Exception as error:  # any unreadable file becomes a card, not a crash
+            problems.append((str(run_id), str(error) or type(error).__name__))
+    return views, problems
+
+
+def panels_update(
+    cache: RunCache, selected: Sequence[Any] | None, state: dict[str, Any] | None, max_points: int
+) -> PanelUpdate:
+    """The panels for the selected runs: a rebuilt figure, or extendData with new rows."""
+    views, problems = load_views(cache, selected or [])
+    views.sort(key=lambda v: v.run_id)
+    colours = run_colours([v.run_id for v in views])
+    signature = [[run_signature(v, colours[v.run_id]) for v in views], problems, max_points]
+    if state and state.get("signature") == signature:
+        runs = state["runs"]
+        extend, appended = panels_extension(views, runs)
+        too_long = any(
+            len(v.metrics) > max_points
+            and runs[v.run_id]["appended"] + appended[v.run_id] > max(1, max_points // 4)
+            for v in views
+        )
+        if not too_long:
+            if extend is None:
+                return PanelUpdate(None, None, None)
+            for view in views:
+                entry = runs[view.run_id]
+                entry["appended"] += appended[view.run_id]
+                entry["last"] = view.last_step
+            return PanelUpdate(None, extend, {"signature": signature, "runs": runs})
+    figure, trace_map = panels_figure(views, colours, max_points, height=PANELS_HEIGHT)
+    for entry in trace_map.values():
+        entry["appended"] = 0
+    errors = [error_card("Cannot plot run", run_id, message) for run_id, message in problems]
+    return PanelUpdate(
+        figure,
+        None,
+        {"signature": signature, "runs": trace_map},
+        errors=errors,
+        events=events_table(views),
+        rebuilt=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Embedding view
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingControls:
+    options: list[dict[str, Any]]
+    run: str | None
+    steps: list[int]
+    slider_max: int
+    marks: dict[int, str]
+    index: int
+
+
+def slider_marks(steps: Sequence[int], limit: int = MAX_SLIDER_MARKS) -> dict[int, str]:
+    """At most ``limit`` evenly spread marks, always the first and last snapshot."""
+    if not steps:
+        return {}
+    last = len(steps) - 1
+    stride = max(1, math.ceil(last / max(1, limit - 1)))
+    picks = list(range(0, last + 1, stride))
+    # The last snapshot always gets a mark; it replaces a regular one that sits too close.
+    if picks[-1] != last:
+        if last - picks[-1] < stride / 2 and len(picks) > 1:
+            picks.pop()
+        picks.append(last)
+    return {i: f"{steps[i]:,}" for i in picks}
+
+
+def embedding_controls_update(
+    cache: RunCache,
+    selected: Sequence[Any] | None,
+    current_run: str | None,
+    current_index: int | None,
+    current_steps: Sequence[int] | None,
+) -> EmbeddingControls | None:
+    """Which runs offer snapshots and the slider over the chosen run's snapshot steps.
+
+    Returns None when nothing changed. A new run starts on its latest snapshot; a slider
+    resting on the latest snapshot follows new ones as they arrive.
+    """
+    views, _ = load_views(cache, selected or [])
+    views = sorted((v for v in views if v.snapshot_steps), key=lambda v: v.run_id)
+    options = [{"label": v.name, "value": v.run_id} for v in views]
+    by_id = {v.run_id: v for v in views}
+    run = current_run if current_run in by_id else (views[0].run_id if views else None)
+    steps = list(by_id[run].snapshot_steps) if run else []
+    old = list(current_steps or [])
+    if run == current_run and steps == old:
+        return None
+    if run != current_run or current_index is None or current_index >= len(old) - 1:
+        index = max(0, len(steps) - 1)
+    else:
+        index = min(int(current_index), max(0, len(steps) - 1))
+    return EmbeddingControls(
+        options, run, steps, max(0, len(steps) - 1), slider_marks(steps), index
+    )
+
+
+def embedding_update(
+    cache: RunCache,
+    run_id: str | None,
+    index: int | None,
+    steps: Sequence[int] | None,
+    method: str | None,
+) -> tuple[dict[str, Any], str, list]:
+    """The scatter and caption for snapshot ``steps[index]`` of ``run_id``."""
+    if not run_id or not steps:
+        return embedding_figure(None), "", []
+    step = steps[min(max(int(index or 0), 0), len(steps) - 1)]
+    try:
+        projection = cache.projection(run_id, int(step), method or "pca")
+        name = cache.view(run_id).name
+    except Exception as error:  # a bad id, a vanished snapshot or a broken file
+        message = str(error) or type(error).__name__
+        return embedding_figure(None), "", [error_card("Cannot show embeddings", run_id, message)]
+    return embedding_figure(projection, name), embedding_caption(projection), []
+
+
+# ---------------------------------------------------------------------------------------
+# Wiring
+# ---------------------------------------------------------------------------------------
+
+
+def _or_no_update(value: Any) -> Any:
+    return dash.no_update if value is None else value
+
+
+def register_callbacks(app: dash.Dash, cache: RunCache, max_points: int) -> None:
+    """Attach the dashboard's callbacks to ``app``."""
+
+    @app.callback(
+        Output(ID.RUN_LIST, "options"),
+        Output(ID.RUN_LIST, "value"),
+        Output(ID.SELECTION_READY, "data"),
+        Output(ID.BANNERS, "children"),
+        Output(ID.ERRORS, "children"),
+        Output(ID.RUN_COUNT, "children"),
+        Output(ID.STATUS, "children"),
+        Input(ID.INTERVAL, "n_intervals"),
+        Input(ID.RUN_LIST, "value"),
+        State(ID.SELECTION_READY, "data"),
+    )
+    def _run_list(_n: int, selected: list[str] | None, ready: bool) -> tuple:
+        u = run_list_update(cache, selected, bool(ready))
+        value = _or_no_update(u.value)
+        return u.options, value, u.ready, u.banners, u.errors, u.count, u.status
+
+    @app.callback(
+        Output(ID.PANELS, "figure"),
+        Output(ID.PANELS, "extendData"),
+        Output(ID.PANEL_STATE, "data"),
+        Output(ID.PANEL_ERRORS, "children"),
+        Output(ID.EVENTS, "children"),
+        Input(ID.RUN_LIST, "value"),
+        Input(ID.INTERVAL, "n_intervals"),
+        State(ID.PANEL_STATE, "data"),
+    )
+    def _panels(selected: list[str] | None, _n: int, state: dict | None) -> tuple:
+        u = panels_update(cache, selected, state, max_points)
+        return tuple(map(_or_no_update, (u.figure, u.extend, u.state, u.errors, u.events)))
+
+    @app.callback(
+        Output(ID.EMBED_RUN, "options"),
+        Output(ID.EMBED_RUN, "value"),
+        Output(ID.EMBED_STEPS, "data"),
+        Output(ID.EMBED_SLIDER, "max"),
+        Output(ID.EMBED_SLIDER, "marks"),
+        Output(ID.EMBED_SLIDER, "value"),
+        Input(ID.RUN_LIST, "value"),
+        Input(ID.INTERVAL, "n_intervals"),
+        Input(ID.EMBED_RUN, "value"),
+        State(ID.EMBED_SLIDER, "value"),
+        State(ID.EMBED_STEPS, "data"),
+    )
+    def _embedding_controls(
+        selected: list[str] | None, _n: int, run: str | None, index: int | None, steps: list
+    ) -> tuple:
+        u = embedding_controls_update(cache, selected, run, index, steps)
+        if u is None:
+            return (dash.no_update,) * 6
+        return u.options, u.run, u.steps, u.slider_max, u.marks, u.index
+
+    @app.callback(
+        Output(ID.EMBED_GRAPH, "figure"),
+        Output(ID.EMBED_CAPTION, "children"),
+        Output(ID.EMBED_ERRORS, "children"),
+        Input(ID.EMBED_RUN, "value"),
+        Input(ID.EMBED_SLIDER, "value"),
+        Input(ID.EMBED_STEPS, "data"),
+        Input(ID.EMBED_METHOD, "value"),
+    )
+    def _embedding(run: str | None, index: int | None, steps: list, method: str) -> tuple:
+        return embedding_update(cache, run, index, steps, method)

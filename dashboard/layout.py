@@ -1,0 +1,383 @@
+"""The page: its skeleton, and the pieces the callbacks fill in (run rows, banners, cards)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from dash import dcc, html
+
+from .data import Alert, RunEntry, RunView
+from .figures import EVENT_STYLE, panels_figure
+
+
+class ID:
+    """Component ids, in one place for the callbacks and the tests."""
+
+    INTERVAL = "cw-interval"
+    STATUS = "cw-status"
+    RUN_LIST = "cw-run-list"
+    RUN_COUNT = "cw-run-count"
+    SELECTION_READY = "cw-selection-ready"
+    BANNERS = "cw-banners"
+    ERRORS = "cw-errors"
+    PANELS = "cw-panels"
+    PANEL_STATE = "cw-panel-state"
+    PANEL_ERRORS = "cw-panel-errors"
+    EVENTS = "cw-events"
+    EMBED_RUN = "cw-embed-run"
+    EMBED_METHOD = "cw-embed-method"
+    EMBED_SLIDER = "cw-embed-slider"
+    EMBED_STEPS = "cw-embed-steps"
+    EMBED_GRAPH = "cw-embed-graph"
+    EMBED_CAPTION = "cw-embed-caption"
+    EMBED_ERRORS = "cw-embed-errors"
+
+
+STATE_SYMBOLS = {
+    "healthy": "✓",
+    "warning": "!",
+    "collapsed": "✖",
+    "recovered": "↺",
+    "error": "⚠",
+}
+PANELS_HEIGHT = 820
+
+# Evidence keys the detector writes, in reading order, with their display names.
+EVIDENCE_LABELS = {
+    "loss_margin_ratio": "loss / margin",
+    "mean_pairwise_distance": "mean pairwise distance",
+    "peak_mean_pairwise_distance": "peak mean pairwise distance",
+    "embedding_variance": "embedding variance",
+    "std_of_l2_normalized": "std of L2-normalised",
+    "effective_rank": "effective rank",
+    "since_step": "since step",
+}
+
+
+def build_layout(logdir: str, interval_ms: int) -> html.Div:
+    """The whole page; every data-bearing part starts empty and is filled by callbacks."""
+    empty_figure, _ = panels_figure([], {}, 1, height=PANELS_HEIGHT)
+    graph_config = {"displaylogo": False, "responsive": True}
+    return html.Div(
+        className="cw-page",
+        children=[
+            html.Header(
+                className="cw-header",
+                children=[
+                    html.Div(
+                        [
+                            html.H1("collapsewatch", className="cw-title"),
+                            html.Span("embedding-collapse monitor", className="cw-subtitle"),
+                        ]
+                    ),
+                    html.Div(
+                        [
+                            html.Code(logdir, className="cw-logdir", title="log directory"),
+                            html.Span(id=ID.STATUS, className="cw-status"),
+                        ],
+                        className="cw-header-right",
+                    ),
+                ],
+            ),
+            html.Div(id=ID.BANNERS, className="cw-banners", role="alert"),
+            html.Div(id=ID.ERRORS, className="cw-errors"),
+            html.Main(
+                className="cw-main",
+                children=[
+                    html.Aside(
+                        className="cw-side",
+                        children=[
+                            html.Section(
+                                className="cw-card",
+                                children=[
+                                    html.H2(["Runs ", html.Span(id=ID.RUN_COUNT)]),
+                                    dcc.Checklist(
+                                        id=ID.RUN_LIST,
+                                        options=[],
+                                        value=[],
+                                        className="cw-run-list",
+                                        labelClassName="cw-run-option",
+                                        inputClassName="cw-run-check",
+                                    ),
+                                ],
+                            ),
+                            _embedding_card(graph_config),
+                        ],
+                    ),
+                    html.Section(
+                        className="cw-card cw-panels-card",
+                        children=[
+                            html.Div(id=ID.PANEL_ERRORS, className="cw-errors"),
+                            dcc.Graph(
+                                id=ID.PANELS,
+                                figure=empty_figure,
+                                config=graph_config,
+                                style={"height": f"{PANELS_HEIGHT}px"},
+                            ),
+                            html.H2("Detector events"),
+                            html.Div(id=ID.EVENTS, className="cw-events"),
+                        ],
+                    ),
+                ],
+            ),
+            dcc.Interval(id=ID.INTERVAL, interval=interval_ms, n_intervals=0),
+            dcc.Store(id=ID.SELECTION_READY, data=False),
+            dcc.Store(id=ID.PANEL_STATE, data=None),
+            dcc.Store(id=ID.EMBED_STEPS, data=[]),
+        ],
+    )
+
+
+def _embedding_card(graph_config: dict[str, Any]) -> html.Section:
+    return html.Section(
+        className="cw-card cw-embedding-card",
+        children=[
+            html.H2("Embeddings"),
+            html.Div(
+                className="cw-embed-controls",
+                children=[
+                    dcc.Dropdown(
+                        id=ID.EMBED_RUN,
+                        options=[],
+                        value=None,
+                        clearable=False,
+                        placeholder="run with snapshots",
+                        className="cw-embed-run",
+                    ),
+                    dcc.RadioItems(
+                        id=ID.EMBED_METHOD,
+                        options=[
+                            {"label": "PCA", "value": "pca"},
+                            {"label": "t-SNE (slow)", "value": "tsne"},
+                        ],
+                        value="pca",
+                        inline=True,
+                        className="cw-embed-method",
+                    ),
+                ],
+            ),
+            dcc.Loading(
+                dcc.Graph(
+                    id=ID.EMBED_GRAPH,
+                    config=graph_config,
+                    style={"height": "340px"},
+                ),
+                type="circle",
+                delay_show=400,
+            ),
+            html.Div(
+                className="cw-slider",
+                children=[
+                    html.Label("snapshot step", htmlFor=ID.EMBED_SLIDER),
+                    dcc.Slider(
+                        id=ID.EMBED_SLIDER,
+                        min=0,
+                        max=0,
+                        step=1,
+                        value=0,
+                        marks={},
+                        updatemode="drag",
+                        included=False,
+                        allow_direct_input=False,
+                    ),
+                ],
+            ),
+            html.P(id=ID.EMBED_CAPTION, className="cw-caption"),
+            html.Div(id=ID.EMBED_ERRORS, className="cw-errors"),
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces filled in by callbacks
+# ---------------------------------------------------------------------------------------
+
+
+def state_badge(state: str) -> html.Span:
+    """A run state as symbol + word on a tinted background: never colour alone."""
+    return html.Span(
+        [html.Span(STATE_SYMBOLS.get(state, "?"), **{"aria-hidden": "true"}), f" {state}"],
+        className=f"cw-badge cw-badge-{state}",
+        **{"data-state": state},
+    )
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A metric value for people: 4 significant digits, '–' for missing."""
+    if isinstance(value, bool) or value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_age(seconds_ago: float | None) -> str:
+    """'just now', '42 s ago', '3 min ago', '5 h ago', '2 d ago'."""
+    if seconds_ago is None or not math.isfinite(seconds_ago):
+        return "never"
+    s = max(0.0, seconds_ago)
+    if s < 2:
+        return "just now"
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min ago"
+    if s < 36 * 3600:
+        return f"{s / 3600:.0f} h ago"
+    return f"{s / 86400:.0f} d ago"
+
+
+def run_option(entry: RunEntry, colour: str | None, now: float) -> dict[str, Any]:
+    """One checklist option of the run list: state badge, name, loss, margin, steps, age."""
+    state = entry.ui_state
+    swatch = html.Span(
+        className="cw-swatch",
+        style={"background": colour} if colour else {},
+        title="colour in the plots" if colour else "not plotted",
+    )
+    head = html.Div(
+        [swatch, html.Span(entry.name, className="cw-run-name"), state_badge(state)],
+        className="cw-run-head",
+    )
+    summary = entry.summary
+    if summary is None:
+        detail = html.Div(entry.error or "unreadable", className="cw-run-detail cw-run-error")
+    else:
+        updated = (
+            dt.datetime.fromtimestamp(summary.last_time).isoformat(sep=" ", timespec="seconds")
+            if summary.last_time
+            else "no steps yet"
+        )
+        detail = html.Div(
+            [
+                _stat("loss", format_number(summary.last_loss)),
+                _stat("margin", format_number(summary.margin)),
+                _stat("step", format_number(summary.last_step)),
+                html.Span(
+                    f"{format_age(now - summary.last_time if summary.last_time else None)}"
+                    f" · {summary.status}",
+                    className="cw-run-age",
+                    title=f"last update {updated}",
+                ),
+            ],
+            className="cw-run-detail",
+        )
+    return {
+        "label": html.Div(
+            [head, detail],
+            className=f"cw-run cw-run-{state}",
+            title=entry.run_id,
+            **{"data-run": entry.run_id, "data-state": state},
+        ),
+        "value": entry.run_id,
+        "disabled": summary is None,
+    }
+
+
+def _stat(name: str, value: str) -> html.Span:
+    return html.Span([html.Span(name, className="cw-stat-name"), f" {value}"], className="cw-stat")
+
+
+def evidence_items(evidence: Mapping[str, Any]) -> list[html.Li]:
+    """The detector's numbers, known keys first in a fixed order, with readable names."""
+    keys = [k for k in EVIDENCE_LABELS if k in evidence]
+    keys += sorted(k for k in evidence if k not in EVIDENCE_LABELS)
+    items = []
+    for key in keys:
+        label = EVIDENCE_LABELS.get(key, key.replace("_", " "))
+        value = evidence[key]
+        text = format_number(value) if key != "since_step" else format_number(value, 12)
+        items.append(html.Li([html.Span(label, className="cw-ev-name"), f" {text}"]))
+    return items
+
+
+def banner(entry: RunEntry) -> html.Div:
+    """The alert for a run that is collapsed (or warned): onset step, evidence, what to try."""
+    alert: Alert | None = entry.alert
+    state = entry.ui_state
+    onset = alert.onset_step if alert else None
+    title = "Collapsed" if state == "collapsed" else "Warning"
+    heading = [
+        state_badge(state),
+        html.Strong(f" {entry.name}", className="cw-banner-run"),
+        html.Span(
+            f" {title.lower()} at step {onset:,}" if onset is not None else f" {title.lower()}",
+            className="cw-banner-onset",
+            **{"data-onset": "" if onset is None else str(onset)},
+        ),
+    ]
+    children: list[Any] = [html.Div(heading, className="cw-banner-head")]
+    if alert is not None:
+        if alert.message:
+            children.append(html.P(alert.message, className="cw-banner-message"))
+        if alert.evidence:
+            children.append(html.Ul(evidence_items(alert.evidence), className="cw-evidence"))
+        if alert.suggestion:
+            children.append(
+                html.P([html.Strong("Try: "), alert.suggestion], className="cw-banner-try")
+            )
+    return html.Div(
+        children,
+        className=f"cw-banner cw-banner-{state}",
+        **{"data-run": entry.run_id, "data-state": state},
+    )
+
+
+def banners(entries: Iterable[RunEntry]) -> list[html.Div]:
+    """A banner for every collapsed run, then a smaller one for every run in warning."""
+    entries = list(entries)
+    collapsed = [banner(e) for e in entries if e.ui_state == "collapsed"]
+    warned = [banner(e) for e in entries if e.ui_state == "warning"]
+    return collapsed + warned
+
+
+def error_card(title: str, run_id: str | None, message: str) -> html.Div:
+    """A card saying what could not be read and why; the rest of the app keeps working."""
+    children: list[Any] = [html.Span("⚠", className="cw-error-icon"), html.Strong(f" {title}")]
+    if run_id:
+        children += [" ", html.Code(run_id)]
+    return html.Div(
+        [html.Div(children), html.P(message, className="cw-error-message")],
+        className="cw-error-card",
+        **{"data-run": run_id or ""},
+    )
+
+
+def events_table(views: Sequence[RunView], limit: int = 50) -> html.Table | html.P:
+    """The latest detector events of the plotted runs, newest first."""
+    rows = []
+    for view in views:
+        for event in view.events.itertuples(index=False):
+            rows.append((event.step, event.time, view.name, event.kind, event.message))
+    if not rows:
+        return html.P("No detector events in the plotted runs.", className="cw-muted")
+    rows.sort(key=lambda r: (r[1], r[0]), reverse=True)
+    body = [
+        html.Tr(
+            [
+                html.Td(f"{step:,}", className="cw-num"),
+                html.Td(name),
+                html.Td(
+                    [
+                        html.Span(
+                            EVENT_STYLE.get(kind, ("", ""))[0] and "●",
+                            style={"color": EVENT_STYLE.get(kind, ("", "#616e7c"))[1]},
+                            **{"aria-hidden": "true"},
+                        ),
+                        f" {kind.replace('_', ' ')}",
+                    ]
+                ),
+                html.Td(message),
+            ]
+        )
+        for step, _, name, kind, message in rows[:limit]
+    ]
+    head = html.Thead(html.Tr([html.Th("step"), html.Th("run"), html.Th("event"), html.Th("")]))
+    return html.Table([head, html.Tbody(body)], className="cw-events-table")

@@ -1,0 +1,34 @@
+"""Fixtures for the dashboard tests: a log directory and a live server on a free port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def logdir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def serve_dashboard() -> Iterator[Callable[..., str]]:
+    """``serve_dashboard(logdir, interval_ms=250)`` starts the app on 127.0.0.1 and returns
+    its URL; every server started is stopped after the test."""
+    from collapsewatch.dashboard import create_app
+    from collapsewatch.dashboard._screenshot import serve_in_thread
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in test output
+    with ExitStack() as stack:
+
+        def start(root: Path, interval_ms: int = 250, max_points: int = 2000) -> str:
+            app = create_app(root, interval_ms=interval_ms, max_points=max_points)
+            return stack.enter_context(serve_in_thread(app))
+
+        yield start

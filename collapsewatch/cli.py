@@ -1,0 +1,399 @@
+"""The ``collapsewatch`` command line: analyze, report, compare, runs, dashboard, demo.
+
+Exit status: 0 on success (whatever the verdict), 1 for ``analyze --fail-on-collapse`` on a
+run collapsed at its end, 2 for bad arguments, missing paths or files that are not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from collapsewatch._version import __version__
+from collapsewatch.detect import DetectorConfig, Verdict, analyze
+from collapsewatch.store import Run, RunFileError, iter_readable_runs, load_run
+
+STATE_STYLE = {
+    "healthy": "green",
+    "warning": "yellow",
+    "collapsed": "bold red",
+    "recovered": "cyan",
+}
+FINAL_COLUMNS = (
+    "loss_margin_ratio",
+    "mean_pairwise_distance",
+    "embedding_variance",
+    "frac_hard",
+    "effective_rank",
+)
+
+
+class CommandError(Exception):
+    """A problem to report in one line with exit status 2."""
+
+
+def _load(path: str) -> Run:
+    try:
+        return load_run(path)
+    except RunFileError as error:
+        raise CommandError(str(error)) from None
+
+
+def run_verdict(run: Run) -> Verdict:
+    """Replay a run through the detector with the thresholds it was recorded with."""
+    recorded = run.metadata.get("detector") or {}
+    fields = DetectorConfig.__dataclass_fields__
+    config = DetectorConfig(**{k: v for k, v in recorded.items() if k in fields})
+    return analyze(run.metrics, config)
+
+
+def display_state(verdict: Verdict) -> str:
+    """The state a run list shows: "recovered" for a healthy run that once collapsed."""
+    if verdict.state == "healthy" and verdict.collapsed:
+        return "recovered"
+    return verdict.state
+
+
+def final_metrics(metrics: pd.DataFrame) -> dict[str, float | None]:
+    """The last recorded value of each summary column (skipping NaN, e.g. effective_rank)."""
+    values: dict[str, float | None] = {}
+    for column in FINAL_COLUMNS:
+        series = metrics[column].dropna() if column in metrics else pd.Series(dtype=float)
+        values[column] = float(series.iloc[-1]) if len(series) else None
+    return values
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def _state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, allow_nan=False, default=str))
+
+
+def summary(run: Run, verdict: Verdict) -> dict[str, Any]:
+    """The JSON object that ``analyze --json`` prints for a run."""
+    return {
+        "run": run.name,
+        "path": str(run.path),
+        "status": run.metadata.get("status"),
+        "steps": len(run.metrics),
+        "margin": run.metadata.get("margin"),
+        **verdict.as_dict(),
+        "final": final_metrics(run.metrics),
+    }
+
+
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    run = _load(args.run)
+    verdict = run_verdict(run)
+    if args.json:
+        _json(_sanitize(summary(run, verdict)))
+    else:
+        console.print(f"[bold]{run.name}[/]  {run.path}")
+        console.print(
+            f"state {_state(display_state(verdict))} after {len(run.metrics)} recorded steps "
+            f"(last step {verdict.last_step}, status {run.metadata.get('status')})"
+        )
+        if verdict.collapsed:
+            recovered = (
+                f", recovered at step {verdict.recovered_step}" if verdict.recovered_step else ""
+            )
+            console.print(f"[bold red]collapsed[/] at step {verdict.onset_step}{recovered}")
+        else:
+            console.print("no collapse detected")
+        if verdict.events:
+            table = Table("step", "event", "state", "what happened", title="events")
+            for event in verdict.events:
+                table.add_row(str(event.step), event.kind, _state(event.state), event.message)
+            console.print(table)
+        suggestions = dict.fromkeys(e.suggestion for e in verdict.events if e.suggestion)
+        for suggestion in suggestions:
+            console.print(f"[bold]what to try:[/] {suggestion}")
+    return 1 if args.fail_on_collapse and verdict.collapsed_at_end else 0
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    rows = []
+    for path in args.runs:
+        run = _load(path)
+        verdict = run_verdict(run)
+        rows.append(
+            {
+                "run": run.name,
+                "path": str(run.path),
+                "state": display_state(verdict),
+                "collapsed": verdict.collapsed,
+                "onset_step": verdict.onset_step,
+                "recovered_step": verdict.recovered_step,
+                "steps": len(run.metrics),
+                "margin": run.metadata.get("margin"),
+                **final_metrics(run.metrics),
+            }
+        )
+    if args.json:
+        _json(_sanitize(rows))
+        return 0
+    table = Table(title="runs compared (final recorded values)")
+    for column in (
+        "run",
+        "state",
+        "onset",
+        "recovered",
+        "steps",
+        "loss/margin",
+        "mean dist",
+        "variance",
+        "frac hard",
+        "eff. rank",
+    ):
+        table.add_column(column, justify="left" if column in ("run", "state") else "right")
+    for row in rows:
+        table.add_row(
+            row["run"],
+            _state(row["state"]),
+            str(row["onset_step"] if row["onset_step"] is not None else "–"),
+            str(row["recovered_step"] if row["recovered_step"] is not None else "–"),
+            str(row["steps"]),
+            _number(row["loss_margin_ratio"]),
+            _number(row["mean_pairwise_distance"]),
+            _number(row["embedding_variance"]),
+            _number(row["frac_hard"], 3),
+            _number(row["effective_rank"], 3),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, console: Console) -> int:
+    try:
+        entries = list(iter_readable_runs(args.logdir))
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    rows = []
+    for path, reader in entries:
+        if isinstance(reader, RunFileError):
+            rows.append({"run": path.name, "path": str(path), "error": str(reader)})
+            continue
+        with reader:
+            try:
+                s = reader.summary()
+            except RunFileError as error:
+                rows.append({"run": path.name, "path": str(path), "error": str(error)})
+                continue
+        state = "recovered" if s.state == "healthy" and s.ever_collapsed else s.state
+        rows.append(
+            {
+                "run": s.name,
+                "path": str(path),
+                "state": state,
+                "status": s.status,
+                "steps": s.num_steps,
+                "last_step": s.last_step,
+                "loss": s.last_loss,
+                "margin": s.margin,
+                "last_update": s.last_time,
+            }
+        )
+    if args.json:
+        _json(_sanitize(rows))
+        return 0
+    if not rows:
+        console.print(f"no runs in {args.logdir}")
+        return 0
+    table = Table(
+        "run",
+        "state",
+        "status",
+        "steps",
+        "loss",
+        "margin",
+        "last update",
+        title=f"runs in {args.logdir}",
+    )
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["run"], "[red]unreadable[/]", row["error"], "", "", "", "")
+            continue
+        updated = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["last_update"]))
+            if row["last_update"]
+            else "–"
+        )
+        table.add_row(
+            row["run"],
+            _state(row["state"]),
+            row["status"],
+            str(row["steps"]),
+            _number(row["loss"]),
+            _number(row["margin"]),
+            updated,
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from collapsewatch.report import write_report
+
+    run = _load(args.run)
+    output = Path(args.output)
+    write_report(run, run_verdict(run), output)
+    console.print(f"report written to {output}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
+    if not Path(args.logdir).is_dir():
+        raise CommandError(f"log directory {args.logdir!r} does not exist")
+    from collapsewatch.dashboard import serve
+
+    console.print(f"collapsewatch dashboard: http://{args.host}:{args.port}")
+    serve(args.logdir, host=args.host, port=args.port, interval_ms=args.interval)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from collapsewatch.demo import run_demo
+
+    dashboard = None if args.no_serve else args.port
+    paths = run_demo(
+        steps=args.steps,
+        logdir=args.logdir,
+        device=args.device,
+        dashboard=dashboard,
+        progress=not args.no_progress,
+        say=console.print,
+    )
+    table = Table(
+        "run",
+        "verdict",
+        "onset step",
+        "final loss/margin",
+        "final mean distance",
+        title="demo verdicts",
+    )
+    for path in paths:
+        run = _load(str(path))
+        verdict = run_verdict(run)
+        final = final_metrics(run.metrics)
+        table.add_row(
+            run.name,
+            _state(display_state(verdict)),
+            str(verdict.onset_step if verdict.onset_step is not None else "–"),
+            _number(final["loss_margin_ratio"]),
+            _number(final["mean_pairwise_distance"]),
+        )
+    console.print(table)
+    console.print(f"runs saved in {args.logdir}; inspect them with: collapsewatch analyze RUN")
+    if dashboard is not None:
+        console.print(f"dashboard still serving at http://127.0.0.1:{args.port} — Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _sanitize(value: Any) -> Any:
+    """NaN/inf → None so the JSON output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _sanitize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sanitize(v) for v in value]
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collapsewatch",
+        description="Analyse, report on and watch triplet-loss runs for embedding collapse.",
+    )
+    parser.add_argument("--version", action="version", version=f"collapsewatch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("analyze", help="the collapse verdict of one run")
+    p.add_argument("run", help="a run file (.cwrun)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--fail-on-collapse",
+        action="store_true",
+        help="exit with status 1 if the run is collapsed at its last step",
+    )
+    p.set_defaults(handler=cmd_analyze)
+
+    p = commands.add_parser("report", help="a self-contained HTML report of one run")
+    p.add_argument("run", help="a run file (.cwrun)")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    p.set_defaults(handler=cmd_report)
+
+    p = commands.add_parser("compare", help="final metrics and verdicts of runs side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=cmd_compare)
+
+    p = commands.add_parser("runs", help="the runs in a log directory with their state")
+    p.add_argument("logdir")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=cmd_runs)
+
+    p = commands.add_parser("dashboard", help="serve the live dashboard for a log directory")
+    p.add_argument("logdir")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--interval", type=int, default=2000, help="polling interval in ms")
+    p.set_defaults(handler=cmd_dashboard)
+
+    p = commands.add_parser("demo", help="train a collapsing and a healthy run on digits")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--logdir", default="runs/demo")
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--port", type=int, default=8050, help="dashboard port")
+    p.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="do not serve the dashboard; print the verdicts and exit",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``collapsewatch`` console script."""
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        return args.handler(args, console)
+    except CommandError as error:
+        print(f"collapsewatch {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The collapse detector: a streaming state machine over recorded steps.
+
+One :class:`CollapseDetector` is fed one step's metrics at a time, in step order, and keeps
+O(1) state per run. ``watch()`` runs it while training writes the run; :func:`analyze`
+runs the very same class over a saved run, so post-hoc verdicts equal the live ones.
+
+Rules (every threshold is a field of :class:`DetectorConfig`):
+
+* The embeddings have *contracted* at a step when the mean pairwise distance is below
+  ``contraction_margin_fraction`` × margin **and** below ``contraction_peak_fraction`` × the
+  largest mean pairwise distance the run has had so far. The second test keeps a run whose
+  embeddings start tiny and grow from being flagged: it has never had a spread to lose.
+* A step is on the *plateau* when |loss/margin − 1| ≤ ``plateau_tolerance``.
+* healthy → warning at the first step that is both; warning → collapsed once every step
+  has been both for ``window`` steps. A run that stays contracted for ``window`` steps
+  off the plateau (the scaled loss can fall while the embeddings stay a point) is a
+  warning too.
+* collapsed → healthy ("recovered") and warning → healthy ("cleared") only once the
+  embeddings have not been contracted for ``recovery_window`` steps: a loss leaving the
+  plateau while the points stay together is not a recovery.
+* Independently, dimensional collapse (effective rank below ``rank_fraction`` × D for
+  ``window`` steps) and non-finite embeddings raise warnings of their own, once per onset.
+
+The run's state is "collapsed" if the plateau machine says so, else "warning" if it or
+either independent warning is active, else "healthy".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from collapsewatch.store import Event
+
+HEALTHY, WARNING, COLLAPSED = "healthy", "warning", "collapsed"
+
+SUGGESTIONS = {
+    "collapse": (
+        "Try the scaled variant (scaled=True), a lower learning rate, semi-hard mining or "
+        "batch-all instead of batch-hard, L2-normalised embeddings, or larger batches with "
+        "several samples per class."
+    ),
+    "dimensional_collapse": (
+        "The embeddings span only a few directions. Try a lower learning rate, L2-normalised "
+        "embeddings, a wider embedding layer, or larger batches."
+    ),
+    "nonfinite": (
+        "Lower the learning rate, clip gradients, check the inputs for NaN, and compute the "
+        "loss in float32 if you train in half precision."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Thresholds of the detector. Defaults were tuned on the reference runs in
+    ``tests/test_detect_scenarios.py`` (scikit-learn digits; see docs/detector.md)."""
+
+    plateau_tolerance: float = 0.02
+    contraction_margin_fraction: float = 0.1
+    contraction_peak_fraction: float = 0.1
+    window: int = 20
+    recovery_window: int = 20
+    rank_fraction: float = 0.05
+    rank_recovery_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"DetectorConfig.{name} must be a finite number ≥ 0, got {value!r}"
+                )
+
+
+def _value(row: Mapping[str, Any], name: str) -> float:
+    value = row.get(name)
+    try:
+        return float("nan") if value is None else float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _streak(since: int | None, holds: bool, step: int) -> int | None:
+    """First step of the current unbroken run of steps where a condition holds, or None."""
+    if not holds:
+        return None
+    return step if since is None else since
+
+
+def _finite(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in evidence.items()
+    }
+
+
+@dataclass
+class CollapseDetector:
+    """Streaming collapse detector. Feed rows in step order with :meth:`update`.
+
+    A row is a mapping with at least ``step``, ``loss_margin_ratio``, ``margin`` and
+    ``mean_pairwise_distance``; ``embedding_variance``, ``effective_rank``,
+    ``embedding_dim`` and ``nonfinite_count`` are used when present. NaN means unknown.
+    """
+
+    config: DetectorConfig = field(default_factory=DetectorConfig)
+    plateau_state: str = HEALTHY
+    ever_collapsed: bool = False
+    peak_distance: float = 0.0
+    peak_distance_step: int | None = None
+    peak_variance: float = 0.0
+    contracted_since: int | None = None
+    suspect_since: int | None = None
+    clear_since: int | None = None
+    low_rank_since: int | None = None
+    low_rank: bool = False
+    nonfinite: bool = False
+    last_step: int | None = None
+
+    @property
+    def state(self) -> str:
+        """The run's current state: "healthy", "warning" or "collapsed"."""
+        if self.plateau_state == COLLAPSED:
+            return COLLAPSED
+        if self.plateau_state == WARNING or self.low_rank or self.nonfinite:
+            return WARNING
+        return HEALTHY
+
+    def update(self, row: Mapping[str, Any]) -> list[Event]:
+        """Take one step's metrics; return the events it triggers (usually none)."""
+        step = int(row["step"])
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(f"steps must increase: got {step} after {self.last_step}")
+        self.last_step = step
+        time = _value(row, "time")
+        time = time if math.isfinite(time) else 0.0
+        events = self._plateau(step, row)
+        events += self._rank(step, row)
+        events += self._nonfinite(step, row)
+        # Each event reports the overall state once everything this step changed is in;
+        # NaN evidence becomes None so an event reads back from the run file unchanged.
+        return [
+            Event(e.step, e.kind, self.state, e.message, e.suggestion, _finite(e.evidence), time)
+            for e in events
+        ]
+
+    def _plateau(self, step: int, row: Mapping[str, Any]) -> list[Event]:
+        c = self.config
+        ratio = _value(row, "loss_margin_ratio")
+        margin = _value(row, "margin")
+        distance = _value(row, "mean_pairwise_distance")
+        variance = _value(row, "embedding_variance")
+        if distance > self.peak_distance:
+            self.peak_distance, self.peak_distance_step = distance, step
+        if variance > self.peak_variance:
+            self.peak_variance = variance
+        contracted = (
+            distance < c.contraction_margin_fraction * margin
+            and distance < c.contraction_peak_fraction * self.peak_distance
+        )
+        suspect = contracted and abs(ratio - 1.0) <= c.plateau_tolerance
+        self.contracted_since = _streak(self.contracted_since, contracted, step)
+        self.suspect_since = _streak(self.suspect_since, suspect, step)
+        self.clear_since = _streak(self.clear_since, not contracted, step)
+        evidence = {
+            "loss_margin_ratio": ratio,
+            "margin": margin,
+            "mean_pairwise_distance": distance,
+            "peak_mean_pairwise_distance": self.peak_distance,
+            "peak_step": self.peak_distance_step,
+            "embedding_variance": variance,
+            "peak_embedding_variance": self.peak_variance,
+        }
+        state = self.plateau_state
+        if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
+            self.plateau_state, self.ever_collapsed = COLLAPSED, True
+            message = (
+                f"Collapse at step {step}: loss/margin has been {ratio:.3f} since step "
+                f"{self.suspect_since} while the mean pairwise distance fell to {distance:.3g} "
+                f"(peak {self.peak_distance:.3g} at step {self.peak_distance_step}, "
+                f"margin {margin:g})."
+            )
+            evidence["since_step"] = self.suspect_since
+            return [Event(step, "collapsed", COLLAPSED, message, SUGGESTIONS["collapse"], evidence)]
+        if state == HEALTHY and (
+            suspect or (contracted and step - self.contracted_since >= c.window)
+        ):
+            self.plateau_state = WARNING
+            where = "at the margin" if suspect else f"off the margin ({ratio:.3f})"
+            message = (
+                f"Possible collapse at step {step}: the mean pairwise distance {distance:.3g} "
+                f"is far below its peak {self.peak_distance:.3g} and the loss is {where}."
+            )
+            evidence["since_step"] = self.contracted_since
+            return [Event(step, "warning", WARNING, message, SUGGESTIONS["collapse"], evidence)]
+        if state != HEALTHY and not contracted and step - self.clear_since >= c.recovery_window:
+            self.plateau_state = HEALTHY
+            evidence["since_step"] = self.clear_since
+            if state == COLLAPSED:
+                message = (
+                    f"Recovered at step {step}: the embeddings have spread out again since "
+                    f"step {self.clear_since} (mean pairwise distance {distance:.3g}, "
+                    f"loss/margin {ratio:.3f})."
+                )
+                return [Event(step, "recovered", HEALTHY, message, "", evidence)]
+            message = (
+                f"Warning cleared at step {step}: no contraction since step {self.clear_since}."
+            )
+            return [Event(step, "cleared", HEALTHY, message, "", evidence)]
+        return []
+
+    def _rank(self, step: int, row: Mapping[str, Any]) -> list[Event]:
+        rank, dim = _value(row, "effective_rank"), _value(row, "embedding_dim")
+        if not (math.isfinite(rank) and math.isfinite(dim) and dim > 1):
+            return []
+        evidence = {"effective_rank": rank, "embedding_dim": dim}
+        self.low_rank_since = _streak(
+            self.low_rank_since, rank < self.config.rank_fraction * dim, step
+        )
+        sustained = (
+            self.low_rank_since is not None and step - self.low_rank_since >= self.config.window
+        )
+        if not self.low_rank and sustained:
+            self.low_rank = True
+            message = (
+                f"Dimensional collapse at step {step}: effective rank {rank:.2f} of "
+                f"{dim:.0f} dimensions."
+            )
+            return [
+                Event(
+                    step,
+                    "dimensional_collapse",
+                    WARNING,
+                    message,
+                    SUGGESTIONS["dimensional_collapse"],
+                    evidence,
+                )
+            ]
+        if self.low_rank and rank >= self.config.rank_recovery_fraction * dim:
+            self.low_rank = False
+            message = f"Effective rank back to {rank:.2f} of {dim:.0f} dimensions at step {step}."
+            return [Event(step, "dimensional_collapse_cleared", HEALTHY, message, "", evidence)]
+        return []
+
+    def _nonfinite(self, step: int, row: Mapping[str, Any]) -> list[Event]:
+        count = _value(row, "nonfinite_count")
+        if not math.isfinite(count):
+            return []
+        if not self.nonfinite and count > 0:
+            self.nonfinite = True
+            message = f"Non-finite embeddings at step {step}: {count:.0f} NaN/inf entries."
+            return [
+                Event(
+                    step,
+                    "nonfinite",
+                    WARNING,
+                    message,
+                    SUGGESTIONS["nonfinite"],
+                    {"nonfinite_count": count},
+                )
+            ]
+        if self.nonfinite and count == 0:
+            self.nonfinite = False
+            message = f"Embeddings finite again at step {step}."
+            return [Event(step, "nonfinite_cleared", HEALTHY, message, "", {"nonfinite_count": 0})]
+        return []
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The detector's conclusion about a whole run (what ``collapsewatch analyze`` prints).
+
+    ``onset_step`` is the first step flagged collapsed; ``recovered_step`` the step the run
+    recovered from its latest collapse, None if it never collapsed or is still collapsed;
+    ``collapse_spans`` every (onset, recovery or None) pair.
+    """
+
+    collapsed: bool
+    onset_step: int | None
+    recovered_step: int | None
+    state: str
+    collapsed_at_end: bool
+    last_step: int | None
+    collapse_spans: tuple[tuple[int, int | None], ...]
+    events: tuple[Event, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "collapsed": self.collapsed,
+            "onset_step": self.onset_step,
+            "recovered_step": self.recovered_step,
+            "state": self.state,
+            "collapsed_at_end": self.collapsed_at_end,
+            "last_step": self.last_step,
+            "collapse_spans": [list(span) for span in self.collapse_spans],
+            "events": [
+                {
+                    "step": e.step,
+                    "kind": e.kind,
+                    "state": e.state,
+                    "message": e.message,
+                    "suggestion": e.suggestion,
+                    "evidence": dict(e.evidence),
+                }
+                for e in self.events
+            ],
+        }
+
+
+def verdict_from_events(events: Iterable[Event], state: str, last_step: int | None) -> Verdict:
+    """Summarise a run's events (live or replayed) into a :class:`Verdict`."""
+    events = tuple(events)
+    spans: list[list[int | None]] = []
+    for event in events:
+        if event.kind == "collapsed":
+            spans.append([event.step, None])
+        elif event.kind == "recovered" and spans and spans[-1][1] is None:
+            spans[-1][1] = event.step
+    collapsed_at_end = state == COLLAPSED
+    return Verdict(
+        collapsed=bool(spans),
+        onset_step=spans[0][0] if spans else None,
+        recovered_step=spans[-1][1] if spans and not collapsed_at_end else None,
+        state=state,
+        collapsed_at_end=collapsed_at_end,
+        last_step=last_step,
+        collapse_spans=tuple((int(a), b) for a, b in spans),  # type: ignore[arg-type]
+        events=events,
+    )
+
+
+def analyze(metrics: pd.DataFrame, config: DetectorConfig | None = None) -> Verdict:
+    """Replay a run's metrics (``load_run(path).metrics``) through a fresh detector."""
+    detector = CollapseDetector(config or DetectorConfig())
+    events: list[Event] = []
+    for row in metrics.sort_values("step").to_dict("records"):
+        events += detector.update(row)
+    return verdict_from_events(events, detector.state, detector.last_step)

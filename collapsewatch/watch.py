@@ -1,0 +1,590 @@
+"""``watch(model, loss_fn)``: record collapse statistics from an existing training loop.
+
+A *step* is one call of the loss while autograd is enabled (calls under ``torch.no_grad()``
+or ``inference_mode``, e.g. validation, are not steps). Forward hooks on the model capture
+the embeddings it produced since the previous step; hooks on the loss read its inputs, its
+output and, for the bundled losses, the statistics its own pass computed.
+
+Nothing in the training step waits for the device: every statistic is a device tensor, the
+step vectors are stacked and copied to the host with non-blocking copies every
+``commit_every`` recorded steps (or ``commit_interval`` seconds), and a background thread
+turns them into metrics, runs the collapse detector and commits them to the run file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import queue
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from collapsewatch._version import __version__
+from collapsewatch.adapters import (
+    DistanceSpec,
+    LossCall,
+    find_distance,
+    find_margin,
+    parse_loss_call,
+)
+from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig
+from collapsewatch.losses.base import TripletLoss
+from collapsewatch.losses.distances import Distance
+from collapsewatch.losses.functional import triplet_statistics
+from collapsewatch.statistics import (
+    derive_metrics,
+    explicit_triplet_statistics,
+    gram_matrix,
+    step_sums,
+    step_vector_size,
+)
+from collapsewatch.store import Event, RunWriter, check_run_name, run_path
+
+OnCollapse = Literal["warn", "raise", "ignore"] | Callable[[Event], Any]
+
+
+class CollapseError(RuntimeError):
+    """Raised from the training loop by ``watch(..., on_collapse="raise")``."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__(f"{event.message} {event.suggestion}".strip())
+        self.event = event
+
+
+class CollapseWarning(UserWarning):
+    """Emitted once per collapse onset by ``watch(..., on_collapse="warn")``."""
+
+
+def _default_embedding(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    raise TypeError(
+        f"the model returned a {type(output).__name__}, not a tensor; tell watch() which "
+        "tensor holds the embeddings, e.g. watch(..., embedding=lambda out: out[0]) or "
+        "embedding=lambda out: out['embedding']"
+    )
+
+
+@dataclass
+class _Record:
+    """One recorded step, still on the device."""
+
+    step: int
+    time: float
+    vector: Tensor
+    gram: Tensor | None
+    snapshot: tuple[Tensor, Tensor | None] | None
+    work: Any = None  # the step's pending all_reduce, under DDP
+
+
+@dataclass
+class _Batch:
+    """Recorded steps on their way to the writer thread, with a device event to wait on."""
+
+    steps: list[int]
+    times: list[float]
+    vectors: Tensor
+    grams: dict[int, Tensor]
+    snapshots: dict[int, tuple[Tensor, Tensor | None]]
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Dashboard:
+    process: subprocess.Popen
+    url: str
+
+
+_DASHBOARDS: dict[tuple[str, int], _Dashboard] = {}
+_OPEN_WATCHERS: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _default_run_name(loss_fn: torch.nn.Module) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{type(loss_fn).__name__.lower()}-{secrets.token_hex(2)}"
+
+
+@dataclass(eq=False)
+class Watcher:
+    """The hooks and recorder that :func:`watch` attaches; see there for the options."""
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    logdir: Path
+    name: str
+    margin: float
+    distance: DistanceSpec
+    every: int
+    rank_every: int
+    snapshot_every: int
+    snapshot_size: int
+    embedding: Callable[[Any], Tensor]
+    commit_every: int
+    commit_interval: float
+    on_collapse: OnCollapse
+    detector: CollapseDetector
+    config: Mapping[str, Any] = field(default_factory=dict)
+    step: int = 0  # loss calls seen so far: the next step's number
+
+    def __post_init__(self) -> None:
+        self.rank, self.world_size = _distributed()
+        self.path = run_path(self.logdir, self.name)
+        self.closed = False
+        self._recording = False
+        self._captured: list[Tensor] = []
+        self._records: list[_Record] = []
+        self._last_flush = time.monotonic()
+        self._last_rank_step: int | None = None
+        self._last_snapshot_step: int | None = None
+        self._dim: int | None = None
+        self._warned: set[str] = set()
+        self._actions: deque[Event] = deque()
+        self._writer_errors: deque[BaseException] = deque()
+        self._bundled = isinstance(self.loss_fn, TripletLoss)
+        self._original_statistics = self.loss_fn.statistics if self._bundled else None
+        self._writer: RunWriter | None = None
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        if self.rank == 0:
+            self._writer = RunWriter(self.path, self._metadata())
+            self._thread = threading.Thread(
+                target=self._write_loop, name=f"collapsewatch-{self.name}", daemon=True
+            )
+            self._thread.start()
+        self._handles = [
+            self.model.register_forward_hook(self._model_hook),
+            self.loss_fn.register_forward_pre_hook(self._loss_pre_hook, with_kwargs=True),
+            self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True),
+        ]
+        _OPEN_WATCHERS.add(self)
+
+    # ----------------------------------------------------------------------------- hooks
+    def _model_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and self.step % self.every == 0:
+            embeddings = self.embedding(output)
+            if not (isinstance(embeddings, Tensor) and embeddings.dim() == 2):
+                shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else None
+                raise TypeError(
+                    f"watch() needs (N, D) embeddings from the model, got "
+                    f"{type(embeddings).__name__} of shape {shape}; pass embedding= to pick "
+                    "or reshape them"
+                )
+            self._captured.append(embeddings)
+
+    def _loss_pre_hook(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._act_on_events()
+        self._recording = self.step % self.every == 0
+        if self._bundled:
+            # Statistics cost a sort for batch-hard: compute them only when recorded.
+            module.statistics = self._recording
+        self._step_time = time.time()
+
+    def _loss_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        step, captured = self.step, self._captured
+        self.step += 1
+        self._captured = []
+        if not self._recording:
+            return
+        with torch.no_grad():
+            self._record(step, parse_loss_call(args, kwargs), captured, output)
+        self._maybe_flush()
+
+    # ----------------------------------------------------------------------- per step
+    def _record(
+        self, step: int, call: LossCall | None, captured: list[Tensor], output: Any
+    ) -> None:
+        if captured:
+            embeddings = captured[0] if len(captured) == 1 else torch.cat(captured)
+        elif call is not None:
+            embeddings = call.all_embeddings()
+        else:
+            self._warn_once(
+                "signature",
+                f"watch(): {type(self.loss_fn).__name__} was called with arguments it does not "
+                "recognise and the model produced no embeddings; this step is not recorded",
+            )
+            return
+        if self._dim is None:
+            self._dim = embeddings.shape[1]
+        elif embeddings.shape[1] != self._dim:
+            self._warn_once(
+                "dim",
+                f"watch(): embedding dimension changed from {self._dim} to "
+                f"{embeddings.shape[1]}; such steps are not recorded",
+            )
+            return
+        if call is None:
+            self._warn_once(
+                "signature",
+                f"watch(): cannot read the arguments of {type(self.loss_fn).__name__}; "
+                "recording embedding statistics only (no triplet difficulty)",
+            )
+        loss = output if isinstance(output, Tensor) else torch.tensor(float("nan"))
+        vector = step_sums(loss, self._triplet_statistics(call), embeddings)
+        gram = None
+        if self._due(step, self._last_rank_step, self.rank_every):
+            self._last_rank_step = step
+            gram = gram_matrix(embeddings)
+        snapshot = None
+        if self.rank == 0 and self._due(step, self._last_snapshot_step, self.snapshot_every):
+            self._last_snapshot_step = step
+            # A copy: the writer reads it later, after the loop may have reused the memory.
+            rows = embeddings[: self.snapshot_size].detach().float().clone()
+            labels = call.labels if call is not None else None
+            if labels is not None and labels.shape[0] == embeddings.shape[0]:
+                labels = labels[: self.snapshot_size]
+            else:
+                labels = None
+            snapshot = (rows, labels)
+        record = _Record(step, self._step_time, vector, gram, snapshot)
+        if self.world_size > 1:
+            # One collective per recorded step, not waited for here: sums of sufficient
+            # statistics (and the Gram) give the global batch's statistics exactly.
+            payload = vector if gram is None else torch.cat([vector, gram])
+            record.work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, async_op=True)
+            record.vector = payload
+        self._records.append(record)
+
+    def _triplet_statistics(self, call: LossCall | None):
+        if self._bundled:
+            return self.loss_fn.last_stats
+        if call is None:
+            return None
+        if call.is_labelled:
+            embeddings = call.embeddings
+            if self.distance.normalize:
+                embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
+            return triplet_statistics(
+                embeddings, call.labels, self.margin, distance=self.distance.distance
+            )
+        return explicit_triplet_statistics(
+            call.anchor, call.positive, call.negative, self.margin, self.distance.distance
+        )
+
+    @staticmethod
+    def _due(step: int, last: int | None, every: int) -> bool:
+        return every > 0 and (last is None or step - last >= every)
+
+    # ------------------------------------------------------------------------ flushing
+    def _maybe_flush(self) -> None:
+        if len(self._records) >= self.commit_every or (
+            time.monotonic() - self._last_flush >= self.commit_interval
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the recorded steps to the writer now (non-blocking on the device)."""
+        records, self._records = self._records, []
+        self._last_flush = time.monotonic()
+        if not records:
+            return
+        dim = self._dim or 0
+        size = step_vector_size(dim)
+        for record in records:
+            if record.work is not None:
+                record.work.wait()  # on NCCL this orders streams; the host does not wait
+        if self.rank != 0:
+            return
+        vectors = torch.stack([r.vector[:size] for r in records])
+        grams = {
+            i: r.vector[size:] if r.work is not None else r.gram
+            for i, r in enumerate(records)
+            if r.gram is not None
+        }
+        snapshots = {i: r.snapshot for i, r in enumerate(records) if r.snapshot is not None}
+        batch = _Batch(
+            steps=[r.step for r in records],
+            times=[r.time for r in records],
+            vectors=_to_host(vectors),
+            grams={i: _to_host(g) for i, g in grams.items()},
+            snapshots={
+                i: (_to_host(e), None if y is None else _to_host(y))
+                for i, (e, y) in snapshots.items()
+            },
+        )
+        if vectors.device.type == "cuda":
+            batch.ready = torch.cuda.Event()
+            batch.ready.record()
+        self._queue.put(batch)
+
+    # --------------------------------------------------------------- writer thread
+    def _write_loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            try:
+                self._write(batch)
+            except BaseException as error:  # never let a write failure kill training
+                self._writer_errors.append(error)
+
+    def _write(self, batch: _Batch) -> None:
+        if batch.ready is not None:
+            batch.ready.synchronize()
+        assert self._writer is not None and self._dim is not None
+        columns = derive_metrics(
+            np.asarray(batch.steps),
+            np.asarray(batch.times),
+            batch.vectors.numpy(),
+            dim=self._dim,
+            margin=self.margin,
+            world_size=self.world_size,
+            grams={i: g.numpy() for i, g in batch.grams.items()},
+        )
+        frame = pd.DataFrame(columns)
+        events: list[Event] = []
+        for row in frame.to_dict("records"):
+            for event in self.detector.update(row):
+                events.append(event)
+                if event.kind == COLLAPSED:
+                    self._actions.append(event)
+        self._writer.append_metrics(frame)
+        self._writer.append_events(events)
+        for i, (embeddings, labels) in batch.snapshots.items():
+            self._writer.add_snapshot(
+                batch.steps[i], embeddings.numpy(), None if labels is None else labels.numpy()
+            )
+        self._writer.set_metadata({"embedding_dim": self._dim, "state": self.detector.state})
+        self._writer.commit()
+
+    # --------------------------------------------------------------------- actions
+    def _act_on_events(self, closing: bool = False) -> None:
+        while self._writer_errors:
+            error = self._writer_errors.popleft()
+            self._warn_once("writer", f"watch(): writing run {str(self.path)!r} failed: {error!r}")
+        while self._actions:
+            event = self._actions.popleft()
+            action = self.on_collapse
+            if action == "ignore":
+                continue
+            if callable(action):
+                action(event)
+            elif action == "raise" and not closing:
+                raise CollapseError(event)
+            else:
+                warnings.warn(f"{event.message} {event.suggestion}", CollapseWarning, stacklevel=4)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ life cycle
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "margin": self.margin,
+            "model_class": type(self.model).__name__,
+            "loss_class": type(self.loss_fn).__name__,
+            "distance": self.distance.distance,
+            "world_size": self.world_size,
+            "torch_version": torch.__version__,
+            "collapsewatch_version": __version__,
+            "config": dict(self.config),
+            "every": self.every,
+            "rank_every": self.rank_every,
+            "detector": dataclasses.asdict(self.detector.config),
+        }
+
+    def close(self, status: str = "finished") -> None:
+        """Remove every hook, write what is left and close the run. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self._handles:
+            handle.remove()
+        if self._bundled:
+            self.loss_fn.statistics = self._original_statistics
+        self.flush()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            assert self._writer is not None
+            self._writer.close(status)
+        self._act_on_events(closing=True)
+        _OPEN_WATCHERS.discard(self)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        self.close("finished" if exc_type is None else "failed")
+
+    @property
+    def state(self) -> str:
+        """The detector's state as of the last steps written (rank 0)."""
+        return self.detector.state
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """Copy to host memory without making the host wait (pinned memory on CUDA)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _start_dashboard(logdir: Path, port: int) -> str:
+    """Serve ``logdir`` from a child process (never from the training process itself)."""
+    key = (str(logdir.resolve()), port)
+    running = _DASHBOARDS.get(key)
+    if running is not None and running.process.poll() is None:
+        return running.url
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise OSError(
+                f"port {port} is already in use; pass watch(..., dashboard=PORT) with a free port"
+            )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collapsewatch", "dashboard", str(logdir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    _DASHBOARDS[key] = _Dashboard(process, url)
+    print(f"collapsewatch dashboard: {url}", flush=True)
+    return url
+
+
+@atexit.register
+def _shutdown() -> None:
+    for watcher in list(_OPEN_WATCHERS):
+        watcher.close("interrupted")
+    for dashboard in _DASHBOARDS.values():
+        dashboard.process.terminate()
+
+
+def watch(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    *,
+    logdir: str | os.PathLike[str] = "runs",
+    run: str | None = None,
+    margin: float | None = None,
+    every: int = 1,
+    rank_every: int = 50,
+    snapshot_every: int = 100,
+    snapshot_size: int = 256,
+    embedding: Callable[[Any], Tensor] | None = None,
+    config: Mapping[str, Any] | None = None,
+    distance: Distance | None = None,
+    commit_every: int = 50,
+    commit_interval: float = 5.0,
+    on_collapse: OnCollapse = "warn",
+    detector: DetectorConfig | None = None,
+    dashboard: bool | int = False,
+) -> Watcher:
+    """Attach collapse monitoring to ``model`` and ``loss_fn``; returns the :class:`Watcher`.
+
+    Use it as a context manager, or call ``close()`` when training ends::
+
+        with cw.watch(model, loss_fn, logdir="runs", run="baseline") as w:
+            for x, y in loader:
+                loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+        run = cw.load_run(w.path)
+
+    Args:
+        model: the embedding model (any ``nn.Module``; DDP- and ``torch.compile``-wrapped too).
+        loss_fn: the loss module, called as ``(embeddings, labels)`` or
+            ``(anchor, positive, negative)``.
+        logdir: directory of run files (created if missing; keep it on a local disk).
+        run: the run's name (letters, digits, ``._-``); default a timestamped unique name.
+        margin: the loss's margin; read from ``loss_fn.margin`` when omitted.
+        every: record every k-th step.
+        rank_every: measure the effective rank at most every k steps (NaN in between; 0 never).
+        snapshot_every: store an embedding sample at most every k steps (0: never).
+        snapshot_size: rows per embedding sample.
+        embedding: picks the (N, D) embedding tensor out of the model's output when that is
+            a tuple, dict or dataclass.
+        config: free-form JSON-serialisable dict saved with the run.
+        distance: the distance to compute a foreign loss's statistics under; found from the
+            loss when omitted (Euclidean by default).
+        commit_every: copy to host and commit every k recorded steps ...
+        commit_interval: ... or every this many seconds, whichever comes first. A killed
+            process loses at most this much.
+        on_collapse: "warn" (a :class:`CollapseWarning`), "raise" (a :class:`CollapseError`
+            from the next loss call), "ignore", or a callable given the collapse ``Event``;
+            acted on once per onset.
+        detector: thresholds of the collapse detector.
+        dashboard: True (port 8050) or a port: serve this logdir's dashboard from a child
+            process and print its URL.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(loss_fn, torch.nn.Module):
+        raise TypeError(
+            f"loss_fn must be a torch.nn.Module (hooks attach to modules), got "
+            f"{type(loss_fn).__name__}; wrap a plain function in an nn.Module"
+        )
+    for option, value in {"every": every, "commit_every": commit_every}.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option} must be an integer ≥ 1, got {value!r}")
+    for option, value in {
+        "rank_every": rank_every,
+        "snapshot_every": snapshot_every,
+        "snapshot_size": snapshot_size,
+    }.items():
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{option} must be an integer ≥ 0, got {value!r}")
+    if not (commit_interval > 0):
+        raise ValueError(f"commit_interval must be > 0 seconds, got {commit_interval!r}")
+    if on_collapse not in ("warn", "raise", "ignore") and not callable(on_collapse):
+        raise ValueError(
+            f"on_collapse must be 'warn', 'raise', 'ignore' or a callable, got {on_collapse!r}"
+        )
+    margin = find_margin(loss_fn, margin)
+    distance_spec = find_distance(loss_fn, distance)
+    rank, world_size = _distributed()
+    name = check_run_name(run) if run is not None else _default_run_name(loss_fn)
+    if world_size > 1:
+        # Every rank must report the same run path; rank 0's name wins.
+        shared = [name]
+        dist.broadcast_object_list(shared, src=0)
+        name = shared[0]
+    watcher = Watcher(
+        model=model,
+        loss_fn=loss_fn,
+        logdir=Path(logdir),
+        name=name,
+        margin=margin,
+        distance=distance_spec,
+        every=every,
+        rank_every=rank_every,
+        snapshot_every=snapshot_every,
+        snapshot_size=snapshot_size,
+        embedding=embedding or _default_embedding,
+        commit_every=commit_every,
+        commit_interval=float(commit_interval),
+        on_collapse=on_collapse,
+        detector=CollapseDetector(detector or DetectorConfig()),
+        config=dict(config or {}),
+    )
+    if dashboard and rank == 0:
+        _start_dashboard(Path(logdir), 8050 if dashboard is True else int(dashboard))
+    return watcher

@@ -1,0 +1,67 @@
+"""create_app / serve: safe defaults, and the core package never importing Dash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dash
+import pytest
+from collapsewatch.dashboard import create_app, serve
+
+
+def test_create_app_returns_a_dash_app_with_debug_off(logdir: Path) -> None:
+    app = create_app(logdir)
+    assert isinstance(app, dash.Dash)
+    assert app.title == "collapsewatch"
+    assert app.server.debug is False
+    assert not app.config.get("suppress_callback_exceptions")
+
+
+def test_create_app_validates_its_arguments(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        create_app(tmp_path / "missing")
+    with pytest.raises(ValueError, match="interval_ms"):
+        create_app(tmp_path, interval_ms=5)
+    with pytest.raises(ValueError, match="max_points"):
+        create_app(tmp_path, max_points=1)
+
+
+def _capture_run(monkeypatch: pytest.MonkeyPatch) -> dict:
+    seen: dict = {}
+
+    def fake_run(self, *args, **kwargs):
+        seen.update(kwargs, args=args)
+
+    monkeypatch.setattr(dash.Dash, "run", fake_run)
+    return seen
+
+
+def test_serve_binds_loopback_explicitly_whatever_host_env_says(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("DASH_DEBUG", "true")
+    seen = _capture_run(monkeypatch)
+    serve(logdir, port=8123)
+    assert seen == {"host": "127.0.0.1", "port": 8123, "debug": False, "args": ()}
+
+
+def test_serve_warns_when_asked_to_bind_beyond_loopback(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    seen = _capture_run(monkeypatch)
+    serve(logdir, host="0.0.0.0", port=8124, interval_ms=500)
+    assert seen["host"] == "0.0.0.0" and seen["debug"] is False
+    assert "no authentication" in capsys.readouterr().err
+    serve(logdir, host="localhost")
+    assert capsys.readouterr().err == ""
+
+
+def test_importing_collapsewatch_does_not_import_dash() -> None:
+    code = "import sys, collapsewatch; print('dash' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"

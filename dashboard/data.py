@@ -429,9 +429,10 @@ class RunCache:
     def projection(self, run_id: str, step: int, method: str = "pca") -> Projection:
         """A 2-D projection of the run's embedding snapshot at ``step``, cached.
 
-        ``method`` "pca" projects every snapshot of the run onto one PCA basis with fixed
-        axes, so a collapsing run's points visibly shrink onto one spot; "tsne" runs t-SNE
-        on this snapshot alone (slow; only on request).
+        ``method`` "pca" centres each snapshot on its own mean and projects it onto one PCA
+        basis fitted to (up to 20 of) the run's snapshots, with axes fixed across steps, so a
+        collapsing run's points visibly shrink onto one spot; "tsne" runs t-SNE on this
+        snapshot alone (slow; only on request).
         """
         if method not in ("pca", "tsne"):
             raise ValueError(f"unknown projection method {method!r}")
@@ -635,10 +636,19 @@ def _clean(embeddings: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.asarray(embeddings, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _centred(embeddings: np.ndarray) -> np.ndarray:
+    x = _clean(embeddings)
+    return x - x.mean(axis=0) if len(x) else x
+
+
 def _fit_basis(snapshots: Sequence[Any]) -> _Basis:
     from sklearn.decomposition import PCA
 
-    samples = [_clean(s.embeddings)[_sample(len(s.embeddings), PCA_FIT_POINTS)] for s in snapshots]
+    # Each snapshot is centred on its own mean: a drift of the whole cloud is not collapse,
+    # and left in it would take the first component and squash the clusters.
+    samples = [
+        _centred(s.embeddings)[_sample(len(s.embeddings), PCA_FIT_POINTS)] for s in snapshots
+    ]
     stacked = np.concatenate(samples)
     dims = stacked.shape[1]
     components = np.zeros((2, dims))
@@ -666,7 +676,7 @@ def _extent(xy: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
 
 def _project_pca(snapshot: Any, basis: _Basis, first: Any) -> Projection:
     pick = _sample(len(snapshot.embeddings), MAX_EMBEDDING_POINTS)
-    xy = (_clean(snapshot.embeddings)[pick] - basis.mean) @ basis.components.T
+    xy = (_centred(snapshot.embeddings)[pick] - basis.mean) @ basis.components.T
     (x0, x1), (y0, y1) = basis.extent
     # A snapshot outside the fitted extent (the basis predates it) still fits on screen.
     if len(xy):

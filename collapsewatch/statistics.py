@@ -116,16 +116,16 @@ def gram_matrix(embeddings: Tensor) -> Tensor:
     return (z.T @ z).flatten()
 
 
-def step_sums(loss: Tensor, triplet: TripletStatistics | None, embeddings: Tensor) -> Tensor:
-    """The step vector: [loss, triplet sums (NaN if unknown), embedding sums], float64."""
-    device = embeddings.device
+def step_sums(loss: Tensor, triplet: TripletStatistics | None, embedding_sums: Tensor) -> Tensor:
+    """The step vector: [loss, triplet sums (NaN if unknown), ``embedding_sums(z)``]."""
+    device = embedding_sums.device
     loss = loss.detach().to(device=device, dtype=torch.float64).reshape(-1).mean()
     if triplet is None:
         triplet_values = torch.full((len(STATISTIC_FIELDS),), torch.nan, dtype=torch.float64)
         triplet_values = triplet_values.to(device)
     else:
         triplet_values = triplet.values.to(device=device, dtype=torch.float64)
-    return torch.cat([loss.reshape(1), triplet_values, embedding_sums(embeddings)])
+    return torch.cat([loss.reshape(1), triplet_values, embedding_sums])
 
 
 def explicit_triplet_statistics(

@@ -48,9 +48,10 @@ from collapsewatch.adapters import (
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
-from collapsewatch.losses.functional import triplet_statistics
+from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
 from collapsewatch.statistics import (
     derive_metrics,
+    embedding_sums,
     explicit_triplet_statistics,
     gram_matrix,
     step_sums,
@@ -85,14 +86,26 @@ def _default_embedding(output: Any) -> Tensor:
 
 @dataclass
 class _Record:
-    """One recorded step, still on the device."""
+    """One recorded step, still on the device.
+
+    The embedding part is taken before the loss runs, so a step whose loss raises (e.g. on
+    NaN embeddings) is still recorded; the loss and its statistics are added after it.
+    """
 
     step: int
     time: float
-    vector: Tensor
+    call: LossCall | None
+    embedding_sums: Tensor
     gram: Tensor | None
     snapshot: tuple[Tensor, Tensor | None] | None
-    work: Any = None  # the step's pending all_reduce, under DDP
+    loss: Tensor | None = None
+    triplet: TripletStatistics | None = None
+    reduced: Any = None  # the step's pending all_reduce, under DDP
+
+    def vector(self) -> Tensor:
+        """The step vector (see ``statistics.step_sums``), NaN where the loss never ran."""
+        loss = self.loss if self.loss is not None else self.embedding_sums.new_full((), torch.nan)
+        return step_sums(loss, self.triplet, self.embedding_sums)
 
 
 @dataclass
@@ -154,7 +167,7 @@ class Watcher:
         self.rank, self.world_size = _distributed()
         self.path = run_path(self.logdir, self.name)
         self.closed = False
-        self._recording = False
+        self._current: _Record | None = None
         self._captured: list[Tensor] = []
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
@@ -199,28 +212,42 @@ class Watcher:
         if not torch.is_grad_enabled():
             return
         self._act_on_events()
-        self._recording = self.step % self.every == 0
-        if self._bundled:
-            # Statistics cost a sort for batch-hard: compute them only when recorded.
-            module.statistics = self._recording
-        self._step_time = time.time()
-
-    def _loss_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
         step, captured = self.step, self._captured
         self.step += 1
         self._captured = []
-        if not self._recording:
+        self._current = None
+        if step % self.every:
+            if self._bundled:
+                # Statistics cost a sort for batch-hard: compute them only when recorded.
+                module.statistics = False
             return
+        if self._bundled:
+            module.statistics = True
         with torch.no_grad():
-            self._record(step, parse_loss_call(args, kwargs), captured, output)
+            self._current = self._start_record(step, parse_loss_call(args, kwargs), captured)
+
+    def _loss_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        record = self._current
+        if record is None or not torch.is_grad_enabled():
+            return
+        self._current = None
+        with torch.no_grad():
+            if isinstance(output, Tensor):
+                record.loss = output.detach()
+            record.triplet = self._triplet_statistics(record.call)
+            if self.world_size > 1:
+                # One collective per recorded step, not waited for here: sums of sufficient
+                # statistics (and the Gram) give the global batch's statistics exactly.
+                parts = [record.vector()] + ([] if record.gram is None else [record.gram])
+                payload = torch.cat(parts)
+                work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, async_op=True)
+                record.reduced = (payload, work)
         self._maybe_flush()
 
     # ----------------------------------------------------------------------- per step
-    def _record(
-        self, step: int, call: LossCall | None, captured: list[Tensor], output: Any
-    ) -> None:
+    def _start_record(
+        self, step: int, call: LossCall | None, captured: list[Tensor]
+    ) -> _Record | None:
         if captured:
             embeddings = captured[0] if len(captured) == 1 else torch.cat(captured)
         elif call is not None:
@@ -231,7 +258,7 @@ class Watcher:
                 f"watch(): {type(self.loss_fn).__name__} was called with arguments it does not "
                 "recognise and the model produced no embeddings; this step is not recorded",
             )
-            return
+            return None
         if self._dim is None:
             self._dim = embeddings.shape[1]
         elif embeddings.shape[1] != self._dim:
@@ -240,15 +267,13 @@ class Watcher:
                 f"watch(): embedding dimension changed from {self._dim} to "
                 f"{embeddings.shape[1]}; such steps are not recorded",
             )
-            return
+            return None
         if call is None:
             self._warn_once(
                 "signature",
                 f"watch(): cannot read the arguments of {type(self.loss_fn).__name__}; "
                 "recording embedding statistics only (no triplet difficulty)",
             )
-        loss = output if isinstance(output, Tensor) else torch.tensor(float("nan"))
-        vector = step_sums(loss, self._triplet_statistics(call), embeddings)
         gram = None
         if self._due(step, self._last_rank_step, self.rank_every):
             self._last_rank_step = step
@@ -260,20 +285,15 @@ class Watcher:
             rows = embeddings[: self.snapshot_size].detach().float().clone()
             labels = call.labels if call is not None else None
             if labels is not None and labels.shape[0] == embeddings.shape[0]:
-                labels = labels[: self.snapshot_size]
+                labels = labels[: self.snapshot_size].clone()
             else:
                 labels = None
             snapshot = (rows, labels)
-        record = _Record(step, self._step_time, vector, gram, snapshot)
-        if self.world_size > 1:
-            # One collective per recorded step, not waited for here: sums of sufficient
-            # statistics (and the Gram) give the global batch's statistics exactly.
-            payload = vector if gram is None else torch.cat([vector, gram])
-            record.work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, async_op=True)
-            record.vector = payload
+        record = _Record(step, time.time(), call, embedding_sums(embeddings), gram, snapshot)
         self._records.append(record)
+        return record
 
-    def _triplet_statistics(self, call: LossCall | None):
+    def _triplet_statistics(self, call: LossCall | None) -> TripletStatistics | None:
         if self._bundled:
             return self.loss_fn.last_stats
         if call is None:
@@ -306,31 +326,37 @@ class Watcher:
         self._last_flush = time.monotonic()
         if not records:
             return
-        dim = self._dim or 0
-        size = step_vector_size(dim)
-        for record in records:
-            if record.work is not None:
-                record.work.wait()  # on NCCL this orders streams; the host does not wait
+        size = step_vector_size(self._dim or 0)
+        vectors, grams = [], {}
+        for i, record in enumerate(records):
+            if record.reduced is not None:
+                payload, work = record.reduced
+                work.wait()  # on NCCL this orders streams; the host does not wait
+                vectors.append(payload[:size])
+                if record.gram is not None:
+                    grams[i] = payload[size:]
+            else:
+                vectors.append(record.vector())
+                if record.gram is not None:
+                    grams[i] = record.gram
         if self.rank != 0:
             return
-        vectors = torch.stack([r.vector[:size] for r in records])
-        grams = {
-            i: r.vector[size:] if r.work is not None else r.gram
-            for i, r in enumerate(records)
-            if r.gram is not None
-        }
-        snapshots = {i: r.snapshot for i, r in enumerate(records) if r.snapshot is not None}
+        stacked = torch.stack(vectors)
         batch = _Batch(
             steps=[r.step for r in records],
             times=[r.time for r in records],
-            vectors=_to_host(vectors),
+            vectors=_to_host(stacked),
             grams={i: _to_host(g) for i, g in grams.items()},
             snapshots={
-                i: (_to_host(e), None if y is None else _to_host(y))
-                for i, (e, y) in snapshots.items()
+                i: (
+                    _to_host(r.snapshot[0]),
+                    None if r.snapshot[1] is None else _to_host(r.snapshot[1]),
+                )
+                for i, r in enumerate(records)
+                if r.snapshot is not None
             },
         )
-        if vectors.device.type == "cuda":
+        if stacked.device.type == "cuda":
             batch.ready = torch.cuda.Event()
             batch.ready.record()
         self._queue.put(batch)

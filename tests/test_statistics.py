@@ -1,0 +1,170 @@
+"""Every recorded column against a direct computation on a known batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from collapsewatch.losses import functional
+from collapsewatch.statistics import (
+    METRIC_COLUMNS,
+    derive_metrics,
+    effective_rank,
+    embedding_sums,
+    explicit_triplet_statistics,
+    gram_matrix,
+    healthy_std_of_l2_normalized,
+    step_sums,
+)
+from tests import reference
+
+
+def known_batch(seed: int = 0, n: int = 24, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2 + 0.5
+    labels = torch.randint(0, 4, (n,), generator=g)
+    return z, labels
+
+
+def derive(vectors, dim, *, margin=0.3, world_size=1, grams=None, steps=None):
+    vectors = torch.stack(vectors).numpy() if isinstance(vectors, list) else vectors
+    count = vectors.shape[0]
+    steps = np.arange(count) if steps is None else steps
+    return derive_metrics(
+        steps,
+        np.full(count, 1.5e9),
+        vectors,
+        dim=dim,
+        margin=margin,
+        world_size=world_size,
+        grams=grams,
+    )
+
+
+def rankme(z: torch.Tensor) -> float:
+    """RankMe straight from its definition, with an SVD."""
+    singular = torch.linalg.svdvals(z.double())
+    p = singular / singular.sum() + 1e-7
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def test_every_column_matches_a_direct_computation():
+    z, labels = known_batch()
+    loss, stats = functional.batch_hard_triplet_loss(z, labels, 0.3, return_statistics=True)
+    vector = step_sums(loss, stats, embedding_sums(z))
+    m = derive([vector], dim=6, grams={0: gram_matrix(z).numpy()})
+    want = reference.statistics(z, labels, 0.3, "batch_hard", False, "euclidean")
+    direct = {
+        "loss": loss.item(),
+        "margin": 0.3,
+        "loss_margin_ratio": loss.item() / 0.3,
+        "embedding_variance": torch.var(z, dim=0).mean().item(),
+        "embedding_norm_mean": z.norm(dim=1).mean().item(),
+        # lightly's std_of_l2_normalized: std over the batch of the normalised embeddings.
+        "std_of_l2_normalized": torch.std(F.normalize(z, dim=1), dim=0).mean().item(),
+        "effective_rank": rankme(z),
+        "nonfinite_count": 0.0,
+        "embedding_dim": 6.0,
+        "batch_size": 24.0,
+        "num_valid_triplets": want["num_valid_triplets"],
+        **{
+            name: want[name]
+            for name in (
+                "mean_pairwise_distance",
+                "frac_easy",
+                "frac_semihard",
+                "frac_hard",
+                "frac_positive_loss",
+                "hardest_positive_mean",
+                "hardest_negative_mean",
+            )
+        },
+    }
+    assert set(m) == set(METRIC_COLUMNS)
+    assert set(direct) == set(METRIC_COLUMNS) - {"step", "time"}
+    for name, value in direct.items():
+        assert m[name][0] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert m["step"].dtype == np.int64 and m["time"][0] == 1.5e9
+
+
+def test_sums_of_two_halves_describe_the_whole_batch():
+    # What makes the DDP reduction exact: sums over ranks, not averages of statistics.
+    z, labels = known_batch(1, n=30, dim=5)
+    halves = [(z[:13], labels[:13]), (z[13:], labels[13:])]
+    vectors, grams = [], []
+    for part, part_labels in halves:
+        loss, stats = functional.batch_all_triplet_loss(part, part_labels, return_statistics=True)
+        vectors.append(step_sums(loss, stats, embedding_sums(part)))
+        grams.append(gram_matrix(part))
+    m = derive(
+        [vectors[0] + vectors[1]], dim=5, world_size=2, grams={0: (grams[0] + grams[1]).numpy()}
+    )
+    assert m["embedding_variance"][0] == pytest.approx(torch.var(z, dim=0).mean().item())
+    assert m["effective_rank"][0] == pytest.approx(rankme(z))
+    assert m["std_of_l2_normalized"][0] == pytest.approx(
+        torch.std(F.normalize(z, dim=1), dim=0).mean().item()
+    )
+    assert m["batch_size"][0] == 30
+    losses = [functional.batch_all_triplet_loss(p, y).item() for p, y in halves]
+    assert m["loss"][0] == pytest.approx(sum(losses) / 2)  # DDP: the mean of rank losses
+
+
+def test_non_finite_rows_are_counted_and_left_out():
+    z, _ = known_batch(2, n=10, dim=4)
+    bad = z.clone()
+    bad[3, 1] = float("nan")
+    bad[7] = float("inf")
+    vector = step_sums(torch.tensor(0.1), None, embedding_sums(bad))
+    m = derive([vector], dim=4, grams={0: gram_matrix(bad).numpy()})
+    finite = z[[i for i in range(10) if i not in (3, 7)]]
+    assert m["nonfinite_count"][0] == 5
+    assert m["batch_size"][0] == 10
+    assert m["embedding_variance"][0] == pytest.approx(torch.var(finite, dim=0).mean().item())
+    assert m["effective_rank"][0] == pytest.approx(rankme(finite))
+    # Without triplet statistics the triplet columns are unknown, not zero.
+    assert math.isnan(m["frac_hard"][0]) and math.isnan(m["mean_pairwise_distance"][0])
+
+
+def test_single_row_and_collapsed_batches_are_defined():
+    one = torch.randn(1, 8, dtype=torch.float64)
+    same = torch.ones(16, 8, dtype=torch.float64) * 3
+    m = derive(
+        [step_sums(torch.tensor(0.2), None, embedding_sums(b)) for b in (one, same)],
+        dim=8,
+        grams={1: gram_matrix(same).numpy()},
+    )
+    assert list(m["embedding_variance"]) == [0.0, 0.0]
+    assert list(m["std_of_l2_normalized"]) == [0.0, 0.0]
+    assert m["effective_rank"][1] == pytest.approx(1.0, abs=1e-4)  # one direction
+    assert math.isnan(m["effective_rank"][0])  # not measured on that step
+
+
+def test_effective_rank_bounds():
+    assert effective_rank(np.eye(10)) == pytest.approx(10.0, rel=1e-5)
+    line = np.outer(np.arange(1.0, 6.0), np.ones(3))  # all rows on one line
+    assert effective_rank(line.T @ line) == pytest.approx(1.0, abs=1e-4)
+    assert effective_rank(np.zeros((4, 4))) == pytest.approx(1.0, abs=1e-4)
+    assert healthy_std_of_l2_normalized(64) == 0.125
+
+
+def test_explicit_triplet_statistics():
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(12, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    stats = explicit_triplet_statistics(a, p, n, 0.5, "euclidean")
+    d_ap, d_an = (a - p).norm(dim=1), (a - n).norm(dim=1)
+    everything = torch.cat([a, p, n])
+    pairwise = torch.cdist(everything, everything)
+    assert stats.num_valid_triplets.item() == 12
+    assert stats.frac_hard.item() == pytest.approx((d_an < d_ap).double().mean().item())
+    semihard = ((d_ap <= d_an) & (d_an < d_ap + 0.5)).double().mean().item()
+    assert stats.frac_semihard.item() == pytest.approx(semihard)
+    assert stats.frac_positive_loss.item() == pytest.approx(
+        (d_ap - d_an + 0.5 > 0).double().mean().item()
+    )
+    assert stats.hardest_positive_mean.item() == pytest.approx(d_ap.mean().item())
+    assert stats.hardest_negative_mean.item() == pytest.approx(d_an.mean().item())
+    assert stats.mean_pairwise_distance.item() == pytest.approx((pairwise.sum() / (36 * 35)).item())

@@ -7,11 +7,7 @@ Run ids: the browser names a run by its path relative to the log directory, in P
 (``"sweep/lr-0.1.cwrun"``). :func:`resolve_run_id` is the only way such an id becomes a path,
 and it rejects anything that would leave the log directory.
 
-Decimation (see :func:`decimate_indices`): a series longer than ``max_points`` is cut into
-equal-width step buckets and each bucket keeps the rows holding its minimum and maximum of
-every plotted column, so spikes and the global extremes survive; rows in flagged spans
-(detector state warning or collapsed) and at event steps are kept exactly, up to half the
-point budget.
+Decimation lives in :mod:`.decimate`, embedding projections in :mod:`.projection`.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,15 +33,10 @@ from collapsewatch.store import (
     list_runs,
 )
 
+from .projection import Basis, Projection, fit_basis, fit_steps, project_pca, project_tsne
+
 # Longest run id accepted from the browser; real ones are far shorter.
 MAX_RUN_ID_LENGTH = 1024
-# Snapshot points sent to the browser; more than this is a blur anyway.
-MAX_EMBEDDING_POINTS = 2000
-# t-SNE is O(n log n) per iteration and runs on request; this keeps it to seconds.
-MAX_TSNE_POINTS = 1000
-# Snapshots (and points per snapshot) used to fit the shared PCA basis of a run.
-PCA_FIT_SNAPSHOTS = 20
-PCA_FIT_POINTS = 500
 
 UI_STATES = ("healthy", "warning", "collapsed", "recovered", "error")
 
@@ -310,7 +301,7 @@ class RunCache:
         self._listed_at = -math.inf
         self._runs: OrderedDict[Path, _Cached] = OrderedDict()
         self._projections: OrderedDict[tuple, Projection] = OrderedDict()
-        self._bases: dict[Path, tuple[tuple, _Basis]] = {}
+        self._bases: dict[Path, tuple[tuple, Basis]] = {}
 
     # -- run list ------------------------------------------------------------------------
 
@@ -439,10 +430,10 @@ class RunCache:
         view = self.view(run_id)
         if step not in view.snapshot_steps:
             raise KeyError(f"run {view.name!r} has no snapshot at step {step}")
-        fit_steps = _fit_steps(view.snapshot_steps)
+        chosen = fit_steps(view.snapshot_steps)
         key = (view.path, view.generation, int(step), method)
         if method == "pca":
-            key += (fit_steps,)
+            key += (chosen,)
         with self._lock:
             if key in self._projections:
                 self._projections.move_to_end(key)
@@ -451,271 +442,26 @@ class RunCache:
             snapshot = reader.snapshot(step)
             first = reader.snapshot(view.snapshot_steps[0])
             if method == "pca":
-                basis = self._basis(view, fit_steps, reader)
-                projection = _project_pca(snapshot, basis, first)
+                basis = self._basis(view, chosen, reader)
+                projection = project_pca(snapshot, basis, first)
             else:
-                projection = _project_tsne(snapshot, first)
+                projection = project_tsne(snapshot, first)
         with self._lock:
             self._projections[key] = projection
             while len(self._projections) > 256:
                 self._projections.popitem(last=False)
         return projection
 
-    def _basis(self, view: RunView, fit_steps: tuple[int, ...], reader: RunReader) -> _Basis:
+    def _basis(self, view: RunView, steps: tuple[int, ...], reader: RunReader) -> Basis:
         with self._lock:
             known = self._bases.get(view.path)
-            if known is not None and known[0] == (view.generation, fit_steps):
+            if known is not None and known[0] == (view.generation, steps):
                 return known[1]
-        basis = _fit_basis([reader.snapshot(s) for s in fit_steps])
+        basis = fit_basis([reader.snapshot(s) for s in steps])
         with self._lock:
-            self._bases[view.path] = ((view.generation, fit_steps), basis)
+            self._bases[view.path] = ((view.generation, steps), basis)
         return basis
 
 
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
-
-
-# ---------------------------------------------------------------------------------------
-# Decimation
-# ---------------------------------------------------------------------------------------
-
-
-def decimate_indices(
-    steps: np.ndarray,
-    values: np.ndarray,
-    max_points: int,
-    exact: np.ndarray | None = None,
-) -> np.ndarray:
-    """Row indices to plot so a long series keeps its shape in about ``max_points`` points.
-
-    Rows are split into ``max_points // (2·k)`` equal-width buckets along the step axis
-    (``k`` = number of columns); each bucket keeps, for every column, the row of its
-    minimum and of its maximum (NaN ignored), so every spike and the global extremes are
-    drawn. The first and last row and every row where ``exact`` is true are kept too.
-    With ``n ≤ max_points`` rows nothing is dropped.
-
-    Args:
-        steps: (n,) ascending steps.
-        values: (n,) or (n, k) values of the plotted columns.
-        max_points: the point budget per column, excluding exact rows.
-        exact: optional (n,) mask of rows that must be kept.
-    """
-    n = len(steps)
-    if n <= max_points:
-        return np.arange(n)
-    values = np.asarray(values, dtype=float).reshape(n, -1)
-    k = values.shape[1]
-    buckets = max(1, max_points // (2 * k))
-    lo, hi = int(steps[0]), int(steps[-1])
-    # Equal-width buckets of steps, not of rows: the picture does not depend on how densely
-    # some stretch of training was logged.
-    bucket = ((np.asarray(steps, dtype=np.int64) - lo) * buckets // max(hi - lo, 1)).clip(
-        0, buckets - 1
-    )
-    keep = [np.array([0, n - 1])]
-    for column in values.T:
-        finite = np.isfinite(column)
-        for sign in (1.0, -1.0):
-            key = np.where(finite, sign * column, np.inf)
-            order = np.lexsort((key, bucket))  # by bucket, then value: firsts are the extremes
-            ordered = bucket[order]
-            first = order[np.r_[True, ordered[1:] != ordered[:-1]]]
-            keep.append(first[finite[first]])
-    if exact is not None:
-        keep.append(np.flatnonzero(exact))
-    return np.unique(np.concatenate(keep))
-
-
-def exact_mask(
-    steps: np.ndarray,
-    spans: Sequence[Span],
-    event_steps: Iterable[int],
-    last_step: int | None,
-    budget: int,
-) -> np.ndarray:
-    """Rows to keep exactly: inside flagged ``spans`` and at ``event_steps`` (± one row).
-
-    Spans are kept whole while their rows fit in ``budget``; otherwise each span keeps its
-    first and last ``budget / (2·spans)`` rows, so onset and recovery stay exact.
-    """
-    steps = np.asarray(steps)
-    mask = np.zeros(len(steps), dtype=bool)
-    ranges = []
-    for span in spans:
-        lo = int(np.searchsorted(steps, span.start, side="left"))
-        hi = int(np.searchsorted(steps, span.stop(last_step), side="right"))
-        ranges.append((lo, hi))
-    total = sum(hi - lo for lo, hi in ranges)
-    per_end = max(1, budget // (2 * max(1, len(ranges))))
-    for lo, hi in ranges:
-        if total <= budget:
-            mask[lo:hi] = True
-        else:
-            mask[lo : min(hi, lo + per_end)] = True
-            mask[max(lo, hi - per_end) : hi] = True
-    for step in event_steps:
-        at = int(np.searchsorted(steps, step, side="left"))
-        mask[max(0, at - 1) : at + 2] = True
-    return mask
-
-
-def decimate_frame(
-    frame: pd.DataFrame,
-    columns: Sequence[str],
-    max_points: int,
-    spans: Sequence[Span] = (),
-    event_steps: Iterable[int] = (),
-    last_step: int | None = None,
-) -> pd.DataFrame:
-    """The rows of ``frame`` to plot for ``columns``: rows where any of them is finite,
-    decimated by :func:`decimate_indices` with flagged spans and events kept exact."""
-    present = [c for c in columns if c in frame]
-    if not present:
-        return frame.iloc[0:0][["step"]]
-    values = frame[present].to_numpy(dtype=float)
-    rows = np.isfinite(values).any(axis=1)
-    values, sub = values[rows], frame.loc[rows, ["step", *present]]
-    steps = sub["step"].to_numpy()
-    exact = exact_mask(steps, spans, event_steps, last_step, max(1, max_points // 2))
-    return sub.iloc[decimate_indices(steps, values, max_points, exact)]
-
-
-# ---------------------------------------------------------------------------------------
-# Embedding projections
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Projection:
-    """2-D coordinates of (a sample of) one snapshot, ready to plot."""
-
-    step: int
-    method: str
-    xy: np.ndarray  # (m, 2)
-    labels: np.ndarray | None  # (m,)
-    n_points: int  # points in the snapshot (m ≤ n_points are shown)
-    radius: float  # RMS distance to the centroid, in the original embedding space
-    reference_radius: float  # the same for the run's first snapshot
-    axis_titles: tuple[str, str]
-    extent: tuple[tuple[float, float], tuple[float, float]] | None  # fixed axes, or None
-
-
-@dataclass(frozen=True)
-class _Basis:
-    mean: np.ndarray
-    components: np.ndarray  # (2, D)
-    explained: tuple[float, float]
-    extent: tuple[tuple[float, float], tuple[float, float]]
-
-
-def _fit_steps(steps: Sequence[int]) -> tuple[int, ...]:
-    if len(steps) <= PCA_FIT_SNAPSHOTS:
-        return tuple(steps)
-    picks = np.linspace(0, len(steps) - 1, PCA_FIT_SNAPSHOTS).round().astype(int)
-    return tuple(steps[i] for i in np.unique(picks))
-
-
-def _sample(n: int, limit: int) -> np.ndarray:
-    if n <= limit:
-        return np.arange(n)
-    # Fixed seed: the same points are shown at every step of a run, and on every reload.
-    return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
-
-
-def _radius(embeddings: np.ndarray) -> float:
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x[np.isfinite(x).all(axis=1)]
-    if not len(x):
-        return float("nan")
-    return float(np.sqrt(((x - x.mean(axis=0)) ** 2).sum(axis=1).mean()))
-
-
-def _clean(embeddings: np.ndarray) -> np.ndarray:
-    # A diverged run stores NaN/inf embeddings; plot them at 0 rather than failing.
-    return np.nan_to_num(np.asarray(embeddings, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _centred(embeddings: np.ndarray) -> np.ndarray:
-    x = _clean(embeddings)
-    return x - x.mean(axis=0) if len(x) else x
-
-
-def _fit_basis(snapshots: Sequence[Any]) -> _Basis:
-    from sklearn.decomposition import PCA
-
-    # Each snapshot is centred on its own mean: a drift of the whole cloud is not collapse,
-    # and left in it would take the first component and squash the clusters.
-    samples = [
-        _centred(s.embeddings)[_sample(len(s.embeddings), PCA_FIT_POINTS)] for s in snapshots
-    ]
-    stacked = np.concatenate(samples)
-    dims = stacked.shape[1]
-    components = np.zeros((2, dims))
-    explained = [0.0, 0.0]
-    mean = stacked.mean(axis=0)
-    usable = min(2, dims, len(stacked))
-    if usable and np.ptp(stacked, axis=0).max() > 0:
-        pca = PCA(n_components=usable, random_state=0).fit(stacked)
-        mean = pca.mean_
-        for i in range(usable):
-            # Deterministic sign (largest loading positive): refits do not flip the picture.
-            c = pca.components_[i]
-            components[i] = c if c[np.argmax(np.abs(c))] >= 0 else -c
-            explained[i] = float(pca.explained_variance_ratio_[i])
-    xy = (stacked - mean) @ components.T
-    return _Basis(mean, components, (explained[0], explained[1]), _extent(xy))
-
-
-def _extent(xy: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    half = max(float((hi - lo).max()) / 2 * 1.08, 1e-6)  # square, with a margin
-    cx, cy = (lo + hi) / 2
-    return ((cx - half, cx + half), (cy - half, cy + half))
-
-
-def _project_pca(snapshot: Any, basis: _Basis, first: Any) -> Projection:
-    pick = _sample(len(snapshot.embeddings), MAX_EMBEDDING_POINTS)
-    xy = (_centred(snapshot.embeddings)[pick] - basis.mean) @ basis.components.T
-    (x0, x1), (y0, y1) = basis.extent
-    # A snapshot outside the fitted extent (the basis predates it) still fits on screen.
-    if len(xy):
-        x0, y0 = min(x0, xy[:, 0].min()), min(y0, xy[:, 1].min())
-        x1, y1 = max(x1, xy[:, 0].max()), max(y1, xy[:, 1].max())
-    ex1, ex2 = basis.explained
-    return Projection(
-        step=snapshot.step,
-        method="pca",
-        xy=xy,
-        labels=None if snapshot.labels is None else snapshot.labels[pick],
-        n_points=len(snapshot.embeddings),
-        radius=_radius(snapshot.embeddings),
-        reference_radius=_radius(first.embeddings),
-        axis_titles=(f"PC 1 ({ex1:.0%} of variance)", f"PC 2 ({ex2:.0%} of variance)"),
-        extent=((float(x0), float(x1)), (float(y0), float(y1))),
-    )
-
-
-def _project_tsne(snapshot: Any, first: Any) -> Projection:
-    from sklearn.manifold import TSNE
-
-    pick = _sample(len(snapshot.embeddings), MAX_TSNE_POINTS)
-    x = _clean(snapshot.embeddings)[pick]
-    if len(x) >= 4 and np.ptp(x, axis=0).max() > 0:
-        perplexity = float(min(30.0, (len(x) - 1) / 3))
-        xy = TSNE(
-            n_components=2, perplexity=perplexity, init="pca", random_state=0, max_iter=500
-        ).fit_transform(x)
-    else:  # too few or identical points: t-SNE is undefined, every point is one spot
-        xy = np.zeros((len(x), 2))
-    return Projection(
-        step=snapshot.step,
-        method="tsne",
-        xy=xy,
-        labels=None if snapshot.labels is None else snapshot.labels[pick],
-        n_points=len(snapshot.embeddings),
-        radius=_radius(snapshot.embeddings),
-        reference_radius=_radius(first.embeddings),
-        axis_titles=("t-SNE 1", "t-SNE 2"),
-        extent=None,
-    )

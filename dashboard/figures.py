@@ -20,7 +20,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .data import Projection, RunView, Span, decimate_frame
+from .data import RunView, Span
+from .decimate import decimate_frame
+from .projection import Projection
 
 TEMPLATE_NAME = "collapsewatch"
 

@@ -28,6 +28,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1400, "height": 1000}
+DEFAULT_TIMEOUT_MS = 15_000
 
 
 def browser_required() -> bool:
@@ -47,9 +48,11 @@ def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).is_file():
         _unavailable(f"no Chromium at {CHROMIUM}")
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         _unavailable("the playwright package is not installed")
+    # The 5 s default is tight on a busy 2-core CI machine; waits still end as soon as met.
+    expect.set_options(timeout=DEFAULT_TIMEOUT_MS)
     with sync_playwright() as playwright:
         try:
             instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -65,7 +68,7 @@ def browser() -> Iterator[Any]:
 def page(browser: Any) -> Iterator[Any]:
     """A fresh page (its own context: no shared cookies or storage) with a 1400×1000 viewport."""
     context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(15_000)
+    context.set_default_timeout(DEFAULT_TIMEOUT_MS)
     try:
         yield context.new_page()
     finally:

@@ -14,13 +14,11 @@ from collapsewatch.dashboard.data import (
     RunCache,
     Span,
     current_alert,
-    decimate_frame,
-    decimate_indices,
-    exact_mask,
     resolve_run_id,
     run_id_of,
     state_spans,
 )
+from collapsewatch.dashboard.decimate import decimate_frame, decimate_indices, exact_mask
 
 from collapsewatch.store import RunFileError, RunReader, RunWriter
 from tests.dashboard.runs import (

@@ -136,22 +136,13 @@ def panels_update(
     views.sort(key=lambda v: v.run_id)
     colours = run_colours([v.run_id for v in views])
     signature = [[run_signature(v, colours[v.run_id]) for v in views], problems, max_points]
-    if state and state.get("signature") == signature:
-        runs = state["runs"]
-        extend, appended = panels_extension(views, runs)
-        too_long = any(
-            len(v.metrics) > max_points
-            and runs[v.run_id]["appended"] + appended[v.run_id] > max(1, max_points // 4)
-            for v in views
-        )
-        if not too_long:
-            if extend is None:
-                return PanelUpdate(None, None, None)
-            for view in views:
-                entry = runs[view.run_id]
-                entry["appended"] += appended[view.run_id]
-                entry["last"] = view.last_step
-            return PanelUpdate(None, extend, {"signature": signature, "runs": runs})
+    if isinstance(state, dict) and state.get("signature") == signature:
+        try:
+            update = _extend(views, state["runs"], signature, max_points)
+        except (KeyError, TypeError, ValueError, IndexError):
+            update = None  # a state the browser mangled: rebuild from scratch
+        if update is not None:
+            return update
     figure, trace_map = panels_figure(views, colours, max_points, height=PANELS_HEIGHT)
     for entry in trace_map.values():
         entry["appended"] = 0
@@ -164,6 +155,27 @@ def panels_update(
         events=events_table(views),
         rebuilt=True,
     )
+
+
+def _extend(
+    views: Sequence[RunView], runs: dict[str, Any], signature: list, max_points: int
+) -> PanelUpdate | None:
+    """The extendData update, or None when the rebuild rule says rebuild."""
+    extend, appended = panels_extension(views, runs)
+    allowance = max(1, max_points // 4)
+    for view in views:
+        if (
+            len(view.metrics) > max_points
+            and runs[view.run_id]["appended"] + appended[view.run_id] > allowance
+        ):
+            return None
+    if extend is None:
+        return PanelUpdate(None, None, None)
+    for view in views:
+        entry = runs[view.run_id]
+        entry["appended"] = int(entry["appended"]) + appended[view.run_id]
+        entry["last"] = view.last_step
+    return PanelUpdate(None, extend, {"signature": signature, "runs": runs})
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +224,10 @@ def embedding_controls_update(
     views = sorted((v for v in views if v.snapshot_steps), key=lambda v: v.run_id)
     options = [{"label": v.name, "value": v.run_id} for v in views]
     by_id = {v.run_id: v for v in views}
-    run = current_run if current_run in by_id else (views[0].run_id if views else None)
+    # Show a collapsed run first if there is one: that is the picture worth seeing.
+    collapsed = [v for v in views if v.spans() and v.spans()[-1].end is None]
+    default = (collapsed or views)[0].run_id if views else None
+    run = current_run if current_run in by_id else default
     steps = list(by_id[run].snapshot_steps) if run else []
     old = list(current_steps or [])
     if run == current_run and steps == old:
@@ -236,9 +251,9 @@ def embedding_update(
     """The scatter and caption for snapshot ``steps[index]`` of ``run_id``."""
     if not run_id or not steps:
         return embedding_figure(None), "", []
-    step = steps[min(max(int(index or 0), 0), len(steps) - 1)]
     try:
-        projection = cache.projection(run_id, int(step), method or "pca")
+        step = int(steps[min(max(int(index or 0), 0), len(steps) - 1)])
+        projection = cache.projection(run_id, step, method or "pca")
         name = cache.view(run_id).name
     except Exception as error:  # a bad id, a vanished snapshot or a broken file
         message = str(error) or type(error).__name__

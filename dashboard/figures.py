@@ -72,6 +72,8 @@ EVENT_STYLE = {  # kind -> (marker symbol, colour)
     "cleared": ("circle-open", OKABE_ITO["green"]),
     "dimensional_collapse": ("diamond", OKABE_ITO["purple"]),
     "nonfinite": ("star", OKABE_ITO["black"]),
+    "dimensional_collapse_cleared": ("diamond-open", OKABE_ITO["green"]),
+    "nonfinite_cleared": ("star-open", OKABE_ITO["green"]),
 }
 
 
@@ -173,8 +175,8 @@ GROUPS: tuple[tuple[Series, ...], ...] = (
         Series("embedding_variance", "embedding variance", "y6", dash="dot"),
     ),
     (
-        Series("frac_hard", "hard", "y7", fill_alpha=0.35, fmt=".1%"),
-        Series("frac_semihard", "semi-hard", "y7", fill_alpha=0.15, fmt=".1%"),
+        Series("frac_hard", "hard", "y7", fill_alpha=0.28, fmt=".1%"),
+        Series("frac_semihard", "semi-hard", "y7", fill_alpha=0.1, fmt=".1%"),
         # The top band is what is left up to 100 %: unfilled, so overlaid runs stay legible.
         Series("frac_easy", "easy", "y7", fill_alpha=0.0, fmt=".1%"),
     ),

@@ -10,7 +10,7 @@ from typing import Any
 from dash import dcc, html
 
 from .data import Alert, RunEntry, RunView
-from .figures import EVENT_STYLE, panels_figure
+from .figures import EVENT_STYLE, MUTED, panels_figure
 
 
 class ID:
@@ -48,13 +48,19 @@ PANELS_HEIGHT = 820
 # Evidence keys the detector writes, in reading order, with their display names.
 EVIDENCE_LABELS = {
     "loss_margin_ratio": "loss / margin",
+    "margin": "margin",
     "mean_pairwise_distance": "mean pairwise distance",
     "peak_mean_pairwise_distance": "peak mean pairwise distance",
+    "peak_step": "peak at step",
     "embedding_variance": "embedding variance",
+    "peak_embedding_variance": "peak embedding variance",
     "std_of_l2_normalized": "std of L2-normalised",
     "effective_rank": "effective rank",
+    "embedding_dim": "dimensions",
+    "nonfinite_count": "non-finite entries",
     "since_step": "since step",
 }
+STEP_KEYS = frozenset({"peak_step", "since_step", "embedding_dim", "nonfinite_count"})
 
 
 def build_layout(logdir: str, interval_ms: int) -> html.Div:
@@ -76,6 +82,10 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
                     html.Div(
                         [
                             html.Code(logdir, className="cw-logdir", title="log directory"),
+                            html.Span(
+                                f"live · polls every {interval_ms / 1000:g} s",
+                                className="cw-live",
+                            ),
                             html.Span(id=ID.STATUS, className="cw-status"),
                         ],
                         className="cw-header-right",
@@ -293,7 +303,9 @@ def evidence_items(evidence: Mapping[str, Any]) -> list[html.Li]:
     for key in keys:
         label = EVIDENCE_LABELS.get(key, key.replace("_", " "))
         value = evidence[key]
-        text = format_number(value) if key != "since_step" else format_number(value, 12)
+        if key in STEP_KEYS and isinstance(value, float) and value.is_integer():
+            value = int(value)  # a step or a count: 1,234 rather than 1234.0 or 1.234e+03
+        text = format_number(value)
         items.append(html.Li([html.Span(label, className="cw-ev-name"), f" {text}"]))
     return items
 
@@ -363,21 +375,24 @@ def events_table(views: Sequence[RunView], limit: int = 50) -> html.Table | html
         html.Tr(
             [
                 html.Td(f"{step:,}", className="cw-num"),
-                html.Td(name),
+                html.Td(name, className="cw-nowrap"),
                 html.Td(
                     [
                         html.Span(
-                            EVENT_STYLE.get(kind, ("", ""))[0] and "●",
-                            style={"color": EVENT_STYLE.get(kind, ("", "#616e7c"))[1]},
+                            "●",
+                            style={"color": EVENT_STYLE.get(kind, ("", MUTED))[1]},
                             **{"aria-hidden": "true"},
                         ),
                         f" {kind.replace('_', ' ')}",
-                    ]
+                    ],
+                    className="cw-nowrap",
                 ),
                 html.Td(message),
             ]
         )
         for step, _, name, kind, message in rows[:limit]
     ]
-    head = html.Thead(html.Tr([html.Th("step"), html.Th("run"), html.Th("event"), html.Th("")]))
+    head = html.Thead(
+        html.Tr([html.Th("step"), html.Th("run"), html.Th("event"), html.Th("message")])
+    )
     return html.Table([head, html.Tbody(body)], className="cw-events-table")

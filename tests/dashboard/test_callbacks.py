@@ -177,6 +177,26 @@ def test_panels_rebuild_then_extend_then_rebuild_on_a_new_event(logdir: Path) ->
     writer.close()
 
 
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda s: s["runs"].clear(),
+        lambda s: s["runs"]["a.cwrun"].update(last="x", appended=None),
+        lambda s: s["runs"]["a.cwrun"].update(traces=[]),
+        lambda s: s.update(runs=None),
+    ],
+)
+def test_a_mangled_panel_state_from_the_browser_just_rebuilds(logdir: Path, mangle) -> None:
+    write_run(logdir, "a")
+    cache = RunCache(logdir, min_refresh=0)
+    state = json.loads(json.dumps(panels_update(cache, ["a.cwrun"], None, 2000).state))
+    mangle(state)
+    writer = RunWriter(logdir / "b.cwrun", {})  # unrelated activity in the log directory
+    writer.close()
+    update = panels_update(cache, ["a.cwrun"], state, 2000)
+    assert update.rebuilt or (update.figure, update.extend) == (None, None)
+
+
 def test_a_selection_change_rebuilds(logdir: Path) -> None:
     write_run(logdir, "a")
     write_run(logdir, "b")
@@ -262,6 +282,19 @@ def test_embedding_controls_follow_the_latest_snapshot(logdir: Path) -> None:
     assert empty.run is None and empty.steps == [] and empty.options == []
 
 
+def test_embedding_view_opens_on_a_collapsed_run(logdir: Path) -> None:
+    write_run(logdir, "a-fine", steps=40, snapshots=[0, 30])
+    write_run(logdir, "b-collapsed", steps=40, collapse_at=20, snapshots=[0, 30])
+    write_run(logdir, "c-recovered", steps=40, collapse_at=10, recover_at=20, snapshots=[0])
+    cache = RunCache(logdir)
+    ids = ["a-fine.cwrun", "b-collapsed.cwrun", "c-recovered.cwrun"]
+    controls = embedding_controls_update(cache, ids, None, None, [])
+    assert controls.run == "b-collapsed.cwrun"
+    assert len(controls.options) == 3
+    # ...but a run the user picked stays picked.
+    assert embedding_controls_update(cache, ids, "a-fine.cwrun", 0, []).run == "a-fine.cwrun"
+
+
 def test_embedding_update(logdir: Path) -> None:
     write_run(logdir, "snap", steps=100, collapse_at=50, snapshots=[0, 30, 60])
     write_broken(logdir, "broken")
@@ -274,6 +307,12 @@ def test_embedding_update(logdir: Path) -> None:
     assert len(errors) == 1
     _, _, errors = embedding_update(cache, "broken.cwrun", 0, [0], "pca")
     assert _props(errors, "data-run") == ["broken.cwrun"]
+    # Junk from the browser becomes an error card, never an exception.
+    for index, steps, method in [("x", [0], "pca"), (0, ["x"], "pca"), (0, [7], "pca")]:
+        _, _, errors = embedding_update(cache, "snap.cwrun", index, steps, method)
+        assert len(errors) == 1
+    _, _, errors = embedding_update(cache, "snap.cwrun", 0, [0], "umap")
+    assert "unknown projection method" in _text(errors)
 
 
 # -- the wired app -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import threading
 import time
@@ -37,6 +38,10 @@ CHROMIUM_ARGS = (
     "--disable-sync",
 )
 DIM, CLASSES, PER_CLASS, STEPS = 32, 10, 40, 300
+# Dense around the collapse, so the slider shows the clusters shrinking step by step.
+SNAPSHOT_STEPS = (0, 15, 30, 36, 42, 48, 54, 60, 90, 120, 180, 240, 299)
+# The README shot shows step 42: mid-collapse, clusters at a fraction of their size.
+DEMO_SLIDER_INDEX = 4
 
 
 @contextmanager
@@ -146,7 +151,7 @@ def write_collapsing_run(logdir: Path, name: str = "batchhard-lr0.1", seed: int 
     )
     centres, labels, noise = _clusters(rng)
     anchor = rng.normal(0, 0.3, DIM)
-    for step in range(0, STEPS, 30):
+    for step in SNAPSHOT_STEPS:
         scale = mpd[step] / 0.5
         x = anchor + scale * (centres[labels] + 0.12 * noise)
         writer.add_snapshot(step, x.astype(np.float32), labels.astype(np.int64))
@@ -183,7 +188,7 @@ def write_healthy_run(logdir: Path, name: str = "scaled-batchhard-lr0.01", seed:
     )
     writer.append_metrics(frame)
     centres, labels, noise = _clusters(rng)
-    for step in range(0, STEPS, 30):
+    for step in SNAPSHOT_STEPS:
         x = centres[labels] + (0.3 - 0.22 * learn[step]) * noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         writer.add_snapshot(step, x.astype(np.float32), labels.astype(np.int64))
@@ -244,8 +249,12 @@ def screenshot(
     width: int = 1400,
     height: int = 1000,
     chromium: str = CHROMIUM,
+    slider_index: int | None = None,
 ) -> Path:
-    """Serve ``logdir``, open it in headless Chromium and save a PNG of the page."""
+    """Serve ``logdir``, open it in headless Chromium and save a PNG of the page.
+
+    ``slider_index`` moves the embedding slider to that snapshot (default: the latest).
+    """
     from collapsewatch.dashboard import create_app
     from playwright.sync_api import expect, sync_playwright
 
@@ -258,7 +267,15 @@ def screenshot(
             # Wait until the panels and the embedding scatter have drawn real data.
             expect(page.locator("#cw-panels .scatterlayer .trace").first).to_be_attached()
             expect(page.locator("#cw-embed-graph .scatterlayer .point").first).to_be_attached()
-            expect(page.locator("#cw-embed-caption")).to_contain_text("Step")
+            caption = page.locator("#cw-embed-caption")
+            expect(caption).to_contain_text("Step")
+            if slider_index is not None:
+                before = caption.inner_text()
+                page.locator("#cw-embed-slider [role=slider]").focus()
+                page.keyboard.press("Home")
+                for _ in range(slider_index):
+                    page.keyboard.press("ArrowRight")
+                expect(caption).not_to_have_text(before)
             page.wait_for_timeout(500)  # let plotly finish its transitions before the shot
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out))
@@ -277,9 +294,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.logdir is not None:
         print(screenshot(args.logdir, args.out, chromium=args.chromium))
         return
+    out = args.out.resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_runs(Path(tmp))
-        print(screenshot(Path(tmp), args.out, chromium=args.chromium))
+        write_demo_runs(Path(tmp) / "runs")
+        # Serve it as "runs" from inside the temporary directory: the header shows the log
+        # directory as given, and a temporary path would look odd in the README.
+        here = Path.cwd()
+        os.chdir(tmp)
+        try:
+            print(
+                screenshot(
+                    Path("runs"), out, chromium=args.chromium, slider_index=DEMO_SLIDER_INDEX
+                )
+            )
+        finally:
+            os.chdir(here)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ lint: $(STAMP)
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Two digits runs side by side, the dashboard served while they train (Ctrl-C to stop).
 demo: $(STAMP)
-	$(BIN)/python benchmarks/bench_losses.py --device cpu --quick
+	$(BIN)/collapsewatch demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_losses.py

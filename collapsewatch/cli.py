@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_dashboard)
 
     p = commands.add_parser("demo", help="train a collapsing and a healthy run on digits")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per run")
     p.add_argument("--logdir", default="runs/demo")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--port", type=int, default=8050, help="dashboard port")
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``collapsewatch`` console script."""
     args = build_parser().parse_args(argv)
-    console = Console(highlight=False)
+    # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         return args.handler(args, console)
     except CommandError as error:

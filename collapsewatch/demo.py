@@ -142,7 +142,7 @@ def train(trainer: DigitsTrainer, steps: int) -> Path:
 
 def run_demo(
     *,
-    steps: int = 400,
+    steps: int = 1500,
     logdir: str | Path = "runs/demo",
     device: str = "cpu",
     runs: Sequence[DigitsRun] = DEMO_RUNS,

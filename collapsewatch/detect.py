@@ -84,6 +84,12 @@ def _value(row: Mapping[str, Any], name: str) -> float:
         return float("nan")
 
 
+def _informative(row: Mapping[str, Any], ratio: float, distance: float, margin: float) -> bool:
+    """Whether a step says anything about the plateau: known values and a valid triplet."""
+    known = all(math.isfinite(v) for v in (ratio, distance, margin))
+    return known and _value(row, "num_valid_triplets") != 0
+
+
 def _streak(since: int | None, holds: bool, step: int) -> int | None:
     """First step of the current unbroken run of steps where a condition holds, or None."""
     if not holds:
@@ -103,7 +109,9 @@ class CollapseDetector:
 
     A row is a mapping with at least ``step``, ``loss_margin_ratio``, ``margin`` and
     ``mean_pairwise_distance``; ``embedding_variance``, ``effective_rank``,
-    ``embedding_dim`` and ``nonfinite_count`` are used when present. NaN means unknown.
+    ``embedding_dim``, ``nonfinite_count`` and ``num_valid_triplets`` are used when
+    present. NaN means unknown; a step with unknown values or no valid triplet is no
+    evidence either way and leaves the plateau rule's streaks as they were.
     """
 
     config: DetectorConfig = field(default_factory=DetectorConfig)
@@ -157,6 +165,10 @@ class CollapseDetector:
             self.peak_distance, self.peak_distance_step = distance, step
         if variance > self.peak_variance:
             self.peak_variance = variance
+        if not _informative(row, ratio, distance, margin):
+            # E.g. a small last batch with no valid triplet (loss 0): neither evidence of
+            # collapse nor of health, so it must not break a streak either way.
+            return []
         contracted = (
             distance < c.contraction_margin_fraction * margin
             and distance < c.contraction_peak_fraction * self.peak_distance

@@ -121,8 +121,10 @@ def step_sums(loss: Tensor, triplet: TripletStatistics | None, embedding_sums: T
     device = embedding_sums.device
     loss = loss.detach().to(device=device, dtype=torch.float64).reshape(-1).mean()
     if triplet is None:
-        triplet_values = torch.full((len(STATISTIC_FIELDS),), torch.nan, dtype=torch.float64)
-        triplet_values = triplet_values.to(device)
+        # Made on the device: a host-to-device copy of pageable memory would synchronise.
+        triplet_values = torch.full(
+            (len(STATISTIC_FIELDS),), torch.nan, dtype=torch.float64, device=device
+        )
     else:
         triplet_values = triplet.values.to(device=device, dtype=torch.float64)
     return torch.cat([loss.reshape(1), triplet_values, embedding_sums])

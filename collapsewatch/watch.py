@@ -371,7 +371,9 @@ class Watcher:
 
     def _write(self, batch: _Batch) -> None:
         if batch.ready is not None:
-            batch.ready.synchronize()
+            # Poll rather than cudaEventSynchronize: only this thread ever waits.
+            while not batch.ready.query():
+                time.sleep(0.001)
         assert self._writer is not None and self._dim is not None
         columns = derive_metrics(
             np.asarray(batch.steps),
@@ -413,12 +415,16 @@ class Watcher:
             elif action == "raise" and not closing:
                 raise CollapseError(event)
             else:
-                warnings.warn(f"{event.message} {event.suggestion}", CollapseWarning, stacklevel=4)
+                warnings.warn(
+                    f"{event.message} {event.suggestion}",
+                    CollapseWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------ life cycle
     def _metadata(self) -> dict[str, Any]:
@@ -464,6 +470,19 @@ class Watcher:
     def state(self) -> str:
         """The detector's state as of the last steps written (rank 0)."""
         return self.detector.state
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(module.__file__).parent) for module in (torch, sys.modules["collapsewatch"])
+)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel that attributes a warning to the user's code calling the loss."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _to_host(tensor: Tensor) -> Tensor:

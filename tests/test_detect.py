@@ -1,0 +1,142 @@
+"""The detector's rules on hand-made metric streams."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from collapsewatch.detect import CollapseDetector, DetectorConfig, analyze
+
+
+def stream(ratios, distances, *, margin=0.2, start=0, **extra):
+    rows = []
+    for i, (ratio, distance) in enumerate(zip(ratios, distances, strict=True)):
+        row = {
+            "step": start + i,
+            "time": 100.0 + i,
+            "loss_margin_ratio": ratio,
+            "margin": margin,
+            "mean_pairwise_distance": distance,
+        }
+        row.update({k: v[i] if isinstance(v, list) else v for k, v in extra.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def kinds(verdict):
+    return [(e.step, e.kind) for e in verdict.events]
+
+
+def test_plateau_with_contraction_collapses_after_the_window():
+    # Spread 0.5, then stuck at the margin with every point together from step 10.
+    metrics = stream([2.0] * 10 + [1.001] * 40, [0.5] * 10 + [0.002] * 40)
+    verdict = analyze(metrics, DetectorConfig(window=20))
+    assert kinds(verdict) == [(10, "warning"), (30, "collapsed")]
+    assert verdict.collapsed and verdict.onset_step == 30 and verdict.state == "collapsed"
+    assert verdict.collapsed_at_end and verdict.recovered_step is None
+    evidence = verdict.events[1].evidence
+    assert evidence["since_step"] == 10 and evidence["peak_mean_pairwise_distance"] == 0.5
+
+
+def test_a_ratio_near_one_alone_is_not_collapse():
+    # Batch-all can average to ≈ margin while the embeddings are well spread.
+    verdict = analyze(stream([0.99, 1.0, 1.01] * 30, [1.2] * 90))
+    assert not verdict.collapsed and verdict.events == ()
+
+
+def test_embeddings_that_start_small_and_grow_have_not_collapsed():
+    # Unnormalised embeddings at initialisation: tiny distances, loss = margin, growing.
+    distances = [1e-4 * 1.2**i for i in range(60)]
+    ratios = [1.0 if d < 0.01 else 0.5 for d in distances]
+    assert analyze(stream(ratios, distances)).events == ()
+
+
+def test_a_short_dip_is_a_warning_that_clears():
+    ratios = [2.0] * 10 + [1.0] * 5 + [1.5] * 40
+    distances = [0.5] * 10 + [0.001] * 5 + [0.4] * 40
+    verdict = analyze(stream(ratios, distances), DetectorConfig(window=20, recovery_window=10))
+    assert kinds(verdict) == [(10, "warning"), (25, "cleared")]
+    assert not verdict.collapsed and verdict.state == "healthy"
+
+
+def test_recovery_needs_the_embeddings_to_spread_again():
+    # The loss leaves the plateau at step 40 but the points stay together until step 60.
+    ratios = [2.0] * 10 + [1.0] * 30 + [0.1] * 60
+    distances = [0.5] * 10 + [0.001] * 50 + [0.6] * 40
+    verdict = analyze(stream(ratios, distances), DetectorConfig(window=20, recovery_window=10))
+    assert kinds(verdict) == [(10, "warning"), (30, "collapsed"), (70, "recovered")]
+    assert verdict.recovered_step == 70 and verdict.collapse_spans == ((30, 70),)
+    assert verdict.state == "healthy" and not verdict.collapsed_at_end
+
+
+def test_contraction_off_the_plateau_is_a_warning():
+    # The scaled loss can fall below the margin while every point stays together.
+    metrics = stream([2.0] * 10 + [0.3] * 40, [0.5] * 10 + [0.004] * 40)
+    verdict = analyze(metrics, DetectorConfig(window=20))
+    assert kinds(verdict) == [(30, "warning")] and not verdict.collapsed
+
+
+def test_steps_without_valid_triplets_do_not_break_a_collapse():
+    # A DataLoader's small last batch may hold no valid triplet: loss 0, no evidence.
+    ratios = [2.0] * 10 + [1.0] * 40
+    distances = [0.5] * 10 + [0.001] * 40
+    valid = [1000] * 50
+    for i in range(15, 50, 8):
+        ratios[i], valid[i] = 0.0, 0
+    metrics = stream(ratios, distances, num_valid_triplets=valid)
+    assert kinds(analyze(metrics, DetectorConfig(window=20))) == [
+        (10, "warning"),
+        (30, "collapsed"),
+    ]
+
+
+def test_windows_are_in_steps_whatever_the_recording_cadence():
+    metrics = stream([2.0] * 2 + [1.0] * 10, [0.5] * 2 + [0.001] * 10)
+    metrics["step"] = metrics["step"] * 5  # recorded every 5 steps
+    verdict = analyze(metrics, DetectorConfig(window=20))
+    assert kinds(verdict) == [(10, "warning"), (30, "collapsed")]
+
+
+def test_dimensional_collapse_and_non_finite_warnings():
+    n = 80
+    ranks = [math.nan] * n
+    for i, rank in zip(range(0, n, 10), [12, 11, 1.2, 1.1, 1.1, 1.05, 9, 10], strict=True):
+        ranks[i] = rank
+    nonfinite = [0] * 50 + [7] * 5 + [0] * 25
+    metrics = stream(
+        [0.5] * n, [1.0] * n, effective_rank=ranks, embedding_dim=32.0, nonfinite_count=nonfinite
+    )
+    detector = CollapseDetector(DetectorConfig(window=20))
+    events = [e for row in metrics.to_dict("records") for e in detector.update(row)]
+    assert [(e.step, e.kind, e.state) for e in events] == [
+        (40, "dimensional_collapse", "warning"),  # low since step 20, for 20 steps
+        (50, "nonfinite", "warning"),
+        (55, "nonfinite_cleared", "warning"),  # the rank warning is still on
+        (60, "dimensional_collapse_cleared", "healthy"),
+    ]
+    assert events[1].evidence == {"nonfinite_count": 7}
+
+
+def test_missing_values_are_unknown_not_evidence():
+    metrics = stream([math.nan] * 30, [math.nan] * 30, effective_rank=math.nan)
+    assert analyze(metrics).events == ()
+
+
+def test_live_and_replayed_detectors_agree_step_by_step():
+    metrics = stream([2.0] * 10 + [1.0] * 40 + [0.1] * 50, [0.5] * 10 + [0.001] * 40 + [0.7] * 50)
+    live = CollapseDetector()
+    live_events = [e for row in metrics.to_dict("records") for e in live.update(row)]
+    assert tuple(live_events) == analyze(metrics).events
+
+
+def test_steps_must_increase_and_config_is_checked():
+    detector = CollapseDetector()
+    detector.update({"step": 3})
+    with pytest.raises(ValueError, match="steps must increase"):
+        detector.update({"step": 3})
+    with pytest.raises(ValueError, match="window"):
+        DetectorConfig(window=-1)
+    with pytest.raises(ValueError, match="plateau_tolerance"):
+        DetectorConfig(plateau_tolerance=float("nan"))

@@ -26,9 +26,19 @@ RATIO_POINTS = (
 
 @pytest.fixture
 def expect(browser: Any) -> Callable[..., Any]:
+    """Playwright's auto-waiting ``expect`` (after ``browser``, so a missing one skips)."""
     from playwright.sync_api import expect
 
     return expect
+
+
+@pytest.fixture(autouse=True)
+def no_page_errors(page: Any) -> Iterator[None]:
+    """Every test also checks that the page raised no JavaScript error."""
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield
+    assert errors == []
 
 
 def _row(page: Any, run_id: str) -> Any:
@@ -129,6 +139,12 @@ def test_a_run_appended_by_another_process_grows_on_screen(
     before = page.evaluate(RATIO_POINTS)
     page.wait_for_function(f"() => ({RATIO_POINTS})() >= {before + 30}")
     assert page.evaluate("() => window.cwExtends") >= 2
+    # The other panels grew with it, the stacked fractions included.
+    lengths = page.evaluate(
+        "() => document.querySelector('#cw-panels .js-plotly-plot').data"
+        ".filter(t => ['y5', 'y6', 'y7', 'y8'].includes(t.yaxis)).map(t => t.x.length)"
+    )
+    assert len(lengths) == 7 and min(lengths) >= before + 30
     # The run list follows too.
     step = _row(page, "live.cwrun").locator(".cw-stat").nth(2)
     first = int(step.inner_text().split()[-1].replace(",", ""))

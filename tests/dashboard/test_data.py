@@ -344,3 +344,30 @@ def test_tsne_projection(logdir: Path) -> None:
     assert projection.xy.shape == (60, 2) and projection.extent is None
     assert np.isfinite(projection.xy).all()
     assert projection.axis_titles == ("t-SNE 1", "t-SNE 2")
+
+
+def test_the_cache_is_safe_under_concurrent_callbacks(logdir: Path) -> None:
+    """Flask serves callbacks from several threads while training appends to the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    writer = RunWriter(logdir / "live.cwrun", {"margin": 0.2})
+    writer.append_metrics(metrics_frame(range(10)))
+    writer.commit()
+    write_run(logdir, "other", steps=20)
+    cache = RunCache(logdir, list_ttl=0, min_refresh=0)
+
+    def poll(i: int) -> tuple[list[int], int]:
+        view = cache.view("live.cwrun" if i % 2 else "other.cwrun")
+        cache.run_list()
+        return view.metrics["step"].tolist(), len(view.metrics)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(poll, i) for i in range(200)]
+        for start in range(10, 200, 10):
+            writer.append_metrics(metrics_frame(range(start, start + 10)))
+            writer.commit()
+        results = [f.result() for f in futures]
+    writer.close()
+    for steps, n in results:
+        assert steps == list(range(n))  # never a duplicated, missing or reordered row
+    assert cache.view("live.cwrun").metrics["step"].tolist() == list(range(200))

@@ -78,7 +78,7 @@ def run_list_update(
     now = time.time() if now is None else now
     listing = cache.run_list()
     present = {e.run_id for e in listing.entries if e.summary is not None}
-    selected = [s for s in (selected or []) if isinstance(s, str)]
+    selected = [s for s in _as_list(selected) if isinstance(s, str)]
     value: list[str] | None = None
     if not ready and present:
         value, ready = default_selection(listing), True
@@ -118,21 +118,34 @@ def load_views(
 ) -> tuple[list[RunView], list[tuple[str, str]]]:
     """Views of the requested runs, and (id, message) for each one that cannot be read."""
     views, problems = [], []
-    for run_id in dict.fromkeys(r for r in run_ids if r is not None):
+    for run_id in _as_list(run_ids):
         try:
             views.append(cache.view(run_id))
         except InvalidRunIdError as error:
-            problems.append((str(run_id)[:200], str(error)))
+            problems.append((str(run_id)[:80], str(error)))
         except Exception as error:  # any unreadable file becomes a card, not a crash
             problems.append((str(run_id), str(error) or type(error).__name__))
     return views, problems
+
+
+def _as_list(values: Any) -> list:
+    """The distinct non-None items of what the browser sent as a list (anything goes)."""
+    if values is None:
+        return []
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        values = [values]
+    unique: list = []
+    for value in values:  # not a set: the browser can send unhashable junk
+        if value is not None and value not in unique:
+            unique.append(value)
+    return unique
 
 
 def panels_update(
     cache: RunCache, selected: Sequence[Any] | None, state: dict[str, Any] | None, max_points: int
 ) -> PanelUpdate:
     """The panels for the selected runs: a rebuilt figure, or extendData with new rows."""
-    views, problems = load_views(cache, selected or [])
+    views, problems = load_views(cache, selected)
     views.sort(key=lambda v: v.run_id)
     colours = run_colours([v.run_id for v in views])
     signature = [[run_signature(v, colours[v.run_id]) for v in views], problems, max_points]
@@ -220,7 +233,7 @@ def embedding_controls_update(
     Returns None when nothing changed. A new run starts on its latest snapshot; a slider
     resting on the latest snapshot follows new ones as they arrive.
     """
-    views, _ = load_views(cache, selected or [])
+    views, _ = load_views(cache, selected)
     views = sorted((v for v in views if v.snapshot_steps), key=lambda v: v.run_id)
     options = [{"label": v.name, "value": v.run_id} for v in views]
     by_id = {v.run_id: v for v in views}

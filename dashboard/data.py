@@ -1,4 +1,4 @@
-"""The dashboard's data layer: run ids, cached incremental reads, decimation, projections.
+"""The dashboard's data layer: run ids, the run list, cached incremental reads of each run.
 
 Everything here goes through the store's public API (``list_runs``, ``RunReader``); the
 dashboard never touches a run's tables itself and never writes.
@@ -53,23 +53,29 @@ def resolve_run_id(logdir: str | Path, run_id: object) -> Path:
     path (symlinks followed) is still inside ``logdir``. The file need not exist.
     """
     if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_RUN_ID_LENGTH:
-        raise InvalidRunIdError(f"invalid run id {run_id!r}")
+        raise InvalidRunIdError(f"invalid run id {_shown(run_id)}")
     if "\\" in run_id or "\x00" in run_id or run_id.startswith("/"):
-        raise InvalidRunIdError(f"invalid run id {run_id!r}")
+        raise InvalidRunIdError(f"invalid run id {_shown(run_id)}")
     parts = PurePosixPath(run_id).parts
     if not parts[-1].endswith(RUN_SUFFIX):
-        raise InvalidRunIdError(f"run id {run_id!r} does not name a {RUN_SUFFIX} file")
+        raise InvalidRunIdError(f"run id {_shown(run_id)} does not name a {RUN_SUFFIX} file")
     try:
         for part in (*parts[:-1], parts[-1][: -len(RUN_SUFFIX)]):
             check_run_name(part)
     except ValueError:
-        raise InvalidRunIdError(f"invalid run id {run_id!r}") from None
+        raise InvalidRunIdError(f"invalid run id {_shown(run_id)}") from None
     root = Path(logdir).resolve()
     path = root.joinpath(*parts).resolve()
     # A symlink may still point elsewhere: the resolved file must live under the root.
     if not path.is_relative_to(root) or path.suffix != RUN_SUFFIX:
-        raise InvalidRunIdError(f"run id {run_id!r} points outside the log directory")
+        raise InvalidRunIdError(f"run id {_shown(run_id)} points outside the log directory")
     return path
+
+
+def _shown(run_id: object) -> str:
+    # Whatever the browser sent goes back in an error message: keep it short.
+    text = repr(run_id)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def run_id_of(logdir: str | Path, path: str | Path) -> str:
@@ -204,13 +210,6 @@ class RunView:
             return self.metrics
         start = int(np.searchsorted(self.steps, step, side="right"))
         return self.metrics.iloc[start:]
-
-    @property
-    def margin(self) -> float | None:
-        value = self.metadata.get("margin")
-        if isinstance(value, int | float) and math.isfinite(value):
-            return float(value)
-        return None
 
     @property
     def embedding_dim(self) -> int | None:

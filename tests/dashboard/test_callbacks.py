@@ -237,11 +237,22 @@ def test_panels_reject_traversal_ids_with_an_error_card(logdir: Path) -> None:
     (logdir.parent / "secret.cwrun").write_text("not for the browser")
     cache = RunCache(logdir)
     bad = ["../../etc/passwd", "../secret.cwrun", "/etc/passwd", None, 7, "a.cwrun"]
+    bad += [{"id": "a.cwrun"}, ["a.cwrun"], "x" * 100_000 + ".cwrun", "a.cwrun"]
     update = panels_update(cache, bad, None, 2000)
     assert update.rebuilt
-    assert len(update.errors) == 4  # None is dropped; 7 and the three paths are rejected
+    assert len(update.errors) == 7  # None and the repeated id are dropped; the rest rejected
+    assert all(len(_text(card)) < 300 for card in update.errors)  # no echo of huge input
     assert "invalid run id" in _text(update.errors) or "outside" in _text(update.errors)
     assert {t["name"] for t in update.figure["data"] if t.get("showlegend")} == {"a"}
+
+
+def test_a_selection_that_is_not_a_list_is_handled(logdir: Path) -> None:
+    write_run(logdir, "a")
+    cache = RunCache(logdir)
+    assert len(panels_update(cache, "a.cwrun", None, 2000).figure["data"]) > 0
+    assert panels_update(cache, {"a": 1}, None, 2000).errors
+    assert run_list_update(cache, "a.cwrun", ready=True).value is None
+    assert run_list_update(cache, {"a": 1}, ready=True).value is None
 
 
 def test_panels_show_an_error_card_for_a_broken_run(logdir: Path) -> None:

@@ -186,7 +186,10 @@ GROUPS: tuple[tuple[Series, ...], ...] = (
 PLOTTED_COLUMNS = tuple(s.column for group in GROUPS for s in group)
 
 
-def _panel_layout(height: int | None = None) -> dict[str, Any]:
+def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
+    # The legend sits in the top margin, above the first panel's title, and the margin grows
+    # by a row for every four runs so a long legend never covers the plots.
+    legend_rows = max(1, math.ceil(runs / 4))
     layout: dict[str, Any] = {
         "template": _TEMPLATE_JSON,
         "uirevision": "panels",  # keep the user's zoom across rebuilds
@@ -194,13 +197,15 @@ def _panel_layout(height: int | None = None) -> dict[str, Any]:
         "showlegend": True,
         "legend": {
             "orientation": "h",
+            "xref": "container",
             "x": 1.0,
             "xanchor": "right",
+            "yref": "container",
             "y": 1.0,
-            "yanchor": "bottom",
+            "yanchor": "top",
             "title": {"text": ""},
         },
-        "margin": {"l": 64, "r": 64, "t": 40, "b": 44},
+        "margin": {"l": 64, "r": 64, "t": 26 + 22 * legend_rows, "b": 44},
         "xaxis": {
             "anchor": "y4",
             "domain": [0.0, 1.0],
@@ -405,7 +410,7 @@ def panels_figure(
     Returns the figure and, per run id, where its traces are, for :func:`panels_extension`:
     ``{"last": last step drawn, "traces": {column: index}, "shade": [indices], "open": bool}``.
     """
-    layout = _panel_layout(height)
+    layout = _panel_layout(height, runs=len(views))
     data: list[dict[str, Any]] = []
     trace_map: dict[str, dict[str, Any]] = {}
     dims: set[int] = set()

@@ -200,8 +200,10 @@ class RunWriter:
     def append_metrics(self, frame: pd.DataFrame) -> None:
         """Append rows of metrics; ``frame`` needs ``step`` and ``time`` columns.
 
-        A column the table does not have yet is added (names: lowercase, digits, ``_``).
-        NaN is stored as NULL and read back as NaN.
+        Metrics are append-only: a step that is already stored raises
+        ``sqlite3.IntegrityError`` (readers poll with ``since_step`` and rely on old rows
+        never changing). A column the table does not have yet is added (names: lowercase,
+        digits, ``_``). NaN is stored as NULL and read back as NaN.
         """
         missing = {"step", "time"} - set(frame.columns)
         if missing:
@@ -218,7 +220,7 @@ class RunWriter:
         columns = [frame[c].astype("int64" if c == "step" else "float64").tolist() for c in names]
         placeholders = ", ".join("?" * len(names))
         self._db.executemany(
-            f"INSERT OR REPLACE INTO metrics ({', '.join(names)}) VALUES ({placeholders})",
+            f"INSERT INTO metrics ({', '.join(names)}) VALUES ({placeholders})",
             zip(*columns, strict=True),
         )
 

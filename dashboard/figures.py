@@ -147,7 +147,7 @@ SHADE_AXES = ("y", "y2", "y3", "y4")
 PANEL_TITLES = (
     "<b>Loss / margin</b> — 1.0 is the collapse plateau (loss = margin)",
     "<b>Spread</b> — mean pairwise distance (solid) and embedding variance (dotted), log scale",
-    "<b>Triplet difficulty</b> — share of anchors, stacked: hard (dark), semi-hard (light),"
+    "<b>Triplet difficulty</b> — share of valid triplets, stacked: hard (dark), semi-hard (light),"
     " easy (rest, unfilled)",
     "<b>Rank</b> — std of L2-normalised embeddings (solid, healthy ≈ 1/√D dashed)"
     " and effective rank (dots, right axis)",
@@ -263,7 +263,7 @@ def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
         **data_axis,
         "overlaying": "y3",
         "range": [0, 1],
-        "title": {"text": "share of anchors"},
+        "title": {"text": "share of valid triplets"},
         "tickformat": ".0%",
     }
     layout["yaxis8"] = {

@@ -129,6 +129,14 @@ def test_run_names_cannot_escape_the_log_directory(name):
         check_run_name(name)
 
 
+def test_metrics_are_append_only(tmp_path):
+    writer = make_run(tmp_path, steps=3)
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.append_metrics(pd.DataFrame({"step": [1], "time": [0.0], "loss": [9.0]}))
+    writer.close()
+    assert list(load_run(run_path(tmp_path, "run")).metrics["loss"]) == [0.0, 0.1, 0.2]
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     make_run(tmp_path).close()
     with pytest.raises(FileExistsError):

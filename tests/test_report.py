@@ -1,0 +1,77 @@
+"""`collapsewatch report`: a self-contained HTML page, checked in a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import collapsewatch as cw
+from collapsewatch.cli import main
+from collapsewatch.demo import DigitsRun, load_digits_tensors, start_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("report-runs")
+    data = load_digits_tensors()
+    paths = {}
+    for spec in (DigitsRun("collapsing", lr=0.5), DigitsRun("healthy", scaled=True, lr=0.05)):
+        trainer = start_run(spec, logdir=logdir, data=data, snapshot_every=20, on_collapse="ignore")
+        with trainer.watcher:
+            for _ in range(80):
+                trainer.step()
+        paths[spec.name] = trainer.watcher.path
+    return paths
+
+
+def render(page, path):
+    """Open a report from disk; fail on any network request or script error."""
+    requests, errors = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_function(
+        "document.querySelectorAll('.js-plotly-plot .main-svg').length > 0 && "
+        "[...document.querySelectorAll('.js-plotly-plot')].every(p => p._fullData)"
+    )
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    assert errors == []
+    return page
+
+
+@pytest.mark.browser
+def test_report_of_a_collapsed_run_renders_offline(runs, tmp_path, page, capsys):
+    output = tmp_path / "collapsing.html"
+    assert main(["report", str(runs["collapsing"]), "-o", str(output)]) == 0
+    capsys.readouterr()
+    text = output.read_text()
+    assert not re.search(r"<script[^>]+src=", text)  # plotly.js is inlined, not fetched
+    verdict = cw.analyze(cw.load_run(runs["collapsing"]).metrics)
+    render(page, output)
+    body = page.inner_text("body")
+    assert f"Collapsed at step {verdict.onset_step}" in body
+    assert "What to try" in body and "scaled variant" in body
+    assert page.inner_text(".badge") == "collapsed"
+    # The metric panels and three snapshots: first, inside the collapse, last.
+    assert page.locator(".js-plotly-plot").count() == 4
+    traces = page.evaluate(
+        "[...document.querySelectorAll('.js-plotly-plot')].map(p => p._fullData.length)"
+    )
+    assert all(count > 0 for count in traces)
+    panel_names = page.evaluate(
+        "document.querySelector('.js-plotly-plot')._fullData.map(t => t.name)"
+    )
+    assert any("collapsed" in str(name) for name in panel_names)  # the shaded span
+
+
+@pytest.mark.browser
+def test_report_of_a_healthy_run(runs, tmp_path, page, capsys):
+    output = tmp_path / "healthy.html"
+    assert main(["report", str(runs["healthy"]), "-o", str(output)]) == 0
+    capsys.readouterr()
+    render(page, output)
+    assert "No collapse detected." in page.inner_text("body")
+    assert page.inner_text(".badge") == "healthy"
+    assert page.locator(".js-plotly-plot").count() == 3  # panels, first and last snapshot

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_dashboard)
 
     p = commands.add_parser("demo", help="train a collapsing and a healthy run on digits")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per run")
+    p.add_argument("--steps", type=int, default=600, help="training steps per run")
     p.add_argument("--logdir", default="runs/demo")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--port", type=int, default=8050, help="dashboard port")

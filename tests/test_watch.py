@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -425,3 +429,47 @@ def test_a_watched_cuda_step_never_synchronises(tmp_path, loss_class):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert len(cw.load_run(w.path).metrics) == 15
+
+
+DASHBOARD_SCRIPT = """
+import sys, time, urllib.request
+import collapsewatch as cw
+from collapsewatch.demo import DigitsEmbedder
+logdir, port = sys.argv[1], int(sys.argv[2])
+first = cw.watch(DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), logdir=logdir,
+                 dashboard=port)
+second = cw.watch(DigitsEmbedder(), cw.losses.BatchAllTripletLoss(), logdir=logdir,
+                  dashboard=port)  # the same server is reused, the URL not printed again
+for _ in range(240):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+            print("status", page.status, flush=True)
+            break
+    except OSError:
+        time.sleep(0.25)
+"""
+
+
+@pytest.mark.slow
+def test_dashboard_option_serves_from_a_child_process(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-c", DASHBOARD_SCRIPT, str(tmp_path), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stdout.splitlines()
+    assert lines.count(f"collapsewatch dashboard: http://127.0.0.1:{port}") == 1
+    assert "status 200" in lines
+    # The server goes away with the training process.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the dashboard outlived the training process")

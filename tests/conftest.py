@@ -15,18 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from collapsewatch.dashboard._screenshot import CHROMIUM_ARGS
 
 CHROMIUM = os.environ.get("COLLAPSEWATCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 1400, "height": 1000}
 DEFAULT_TIMEOUT_MS = 15_000
 
@@ -55,7 +46,9 @@ def browser() -> Iterator[Any]:
     expect.set_options(timeout=DEFAULT_TIMEOUT_MS)
     with sync_playwright() as playwright:
         try:
-            instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            instance = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=list(CHROMIUM_ARGS)
+            )
         except Exception as error:
             _unavailable(f"cannot launch Chromium at {CHROMIUM}: {error}")
         try:

@@ -413,6 +413,29 @@ def _empty_batch(
     return loss, stats
 
 
+def _loss_or_pair(
+    mining: Mining,
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float,
+    scaled: bool,
+    distance: Distance,
+    return_statistics: bool,
+    check_finite: bool,
+) -> Tensor | tuple[Tensor, TripletStatistics]:
+    loss, stats = triplet_loss(
+        embeddings,
+        labels,
+        margin,
+        mining=mining,
+        scaled=scaled,
+        distance=distance,
+        with_statistics=return_statistics,
+        check_finite=check_finite,
+    )
+    return (loss, stats) if return_statistics else loss  # type: ignore[return-value]
+
+
 @overload
 def batch_hard_triplet_loss(
     embeddings: Tensor,
@@ -461,17 +484,16 @@ def batch_hard_triplet_loss(
     Returns:
         The scalar loss, or (loss, statistics).
     """
-    loss, stats = triplet_loss(
+    return _loss_or_pair(
+        "batch_hard",
         embeddings,
         labels,
         margin,
-        mining="batch_hard",
-        scaled=scaled,
-        distance=distance,
-        with_statistics=return_statistics,
-        check_finite=check_finite,
+        scaled,
+        distance,
+        return_statistics,
+        check_finite,
     )
-    return (loss, stats) if return_statistics else loss  # type: ignore[return-value]
 
 
 @overload
@@ -513,17 +535,16 @@ def batch_all_triplet_loss(
     returns as for :func:`batch_hard_triplet_loss`; its statistics come from the same sort
     as the loss, at the cost of two extra binary searches.
     """
-    loss, stats = triplet_loss(
+    return _loss_or_pair(
+        "batch_all",
         embeddings,
         labels,
         margin,
-        mining="batch_all",
-        scaled=scaled,
-        distance=distance,
-        with_statistics=return_statistics,
-        check_finite=check_finite,
+        scaled,
+        distance,
+        return_statistics,
+        check_finite,
     )
-    return (loss, stats) if return_statistics else loss  # type: ignore[return-value]
 
 
 def triplet_statistics(

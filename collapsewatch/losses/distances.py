@@ -57,9 +57,23 @@ def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> 
         x = x - x[:1].detach()
         gram = x @ x.T
         squared_norms = torch.diagonal(gram)
-        squared = (squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram).clamp_min(0.0)
+        squared = (squared_norms[:, None] + squared_norms[None, :]).sub_(gram, alpha=2.0)
+        squared = squared.clamp_min_(0.0)
         if distance == "squared_euclidean":
             return squared
-        positive = squared > 0
-        # clamp inside the where so the unused branch never differentiates sqrt at 0.
-        return torch.where(positive, squared.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), 0.0)
+        return _SqrtZeroGradAtZero.apply(squared)
+
+
+class _SqrtZeroGradAtZero(torch.autograd.Function):
+    """√x for x ≥ 0 whose gradient at x = 0 is 0 (a subgradient of ‖·‖) instead of ∞."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, squared: Tensor) -> Tensor:
+        root = squared.sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad / (2.0 * root), 0.0)

@@ -12,10 +12,15 @@ Definitions (labels y, distances d, margin m):
 * difficulty of a valid triplet, from raw distances and the unscaled margin:
   easy d_an ≥ d_ap + m, semi-hard d_ap ≤ d_an < d_ap + m, hard d_an < d_ap.
 
-Batch-all never builds anything larger than N×N: each anchor's negative distances are sorted
-once; for a threshold t, the number of negatives below t is a ``searchsorted`` and their sum
-a lookup in the prefix sum of the sorted row. That gives the exact loss, its exact gradient
-(through the sort, prefix sum and gather) and every count in O(N² log N) time, O(N²) memory.
+Batch-all never builds anything larger than N×N. A triplet's term (d_ap − d_an)/S + m is
+positive exactly when d_an − m·S < d_ap, so each anchor's row holds its positives' distances
+and its negatives' distances shifted down by m·S, sorted once; the negatives sorted before a
+positive are its violating ones, and the loss is Σ (v_p − v_n)/S over those pairs: a count
+times v_p minus a prefix sum. Rows are laid out class-first and sorted stably, so a negative
+tied with a positive sorts after it and ties count as not violating, exactly as the
+definition's strict inequality says. That gives the exact loss, its exact gradient (through
+the sort and the prefix sum) and, with one more sort of the unshifted rows, every difficulty
+count in O(N² log N) time and O(N²) memory.
 
 Every function here is free of host synchronisation unless ``check_finite=True`` (the
 default), which reads one flag back to report non-finite rows.
@@ -27,7 +32,6 @@ from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from collapsewatch.losses.distances import Distance, check_distance, pairwise_distances
@@ -186,56 +190,99 @@ def check_inputs(embeddings: Tensor, labels: Tensor, *, check_finite: bool = Tru
 def label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) labels → (positive, negative) (N, N) bool masks: same label and a ≠ p; other label."""
     same = labels[:, None] == labels[None, :]
-    positive = same & ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-    return positive, ~same
+    negative = ~same
+    return same.fill_diagonal_(False), negative
 
 
-def _sort_negatives(distances: Tensor, negative: Tensor) -> Tensor:
-    """Each row's anchor-negative distances ascending, the row padded with +inf: (N, N)."""
-    return torch.sort(distances.masked_fill(~negative, torch.inf), dim=1).values
+def _class_sizes(labels: Tensor) -> Tensor:
+    """(N,) labels → (N,) size of each sample's class, in O(N log N)."""
+    sorted_labels = torch.sort(labels).values
+    left = torch.searchsorted(sorted_labels, labels, side="left")
+    return torch.searchsorted(sorted_labels, labels, side="right") - left
 
 
-def _count_below(sorted_negatives: Tensor, thresholds: Tensor) -> Tensor:
-    """(N, N) counts #{n : d(a, n) < thresholds[a, p]} by binary search in each sorted row."""
-    return torch.searchsorted(sorted_negatives, thresholds.contiguous(), side="left")
+def _class_first_columns(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, N) column order per row — the row's own class first, then every other sample —
+    and (N,) the column where each row finds itself.
 
-
-def _difficulty_counts(
-    distances: Tensor,
-    sorted_negatives: Tensor,
-    positive: Tensor,
-    num_valid_triplets: Tensor,
-    margin: float,
-    below_margin: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(num_easy, num_semihard, num_hard) from raw distances and the unscaled margin.
-
-    ``below_margin``, the (N, N) count #{n : d_an < d_ap + m}, is searched for unless given.
+    Columns are grouped by label (a stable argsort); row a's order is that grouping rotated
+    to start at a's class. Sorting a row in this order with a *stable* sort puts every
+    positive before a negative of equal value, which makes ties count as "not below".
     """
-    hard = _count_below(sorted_negatives, distances)
-    if below_margin is None:
-        below_margin = _count_below(sorted_negatives, distances + margin)
-    num_hard = torch.where(positive, hard, 0).sum()
-    num_semihard = torch.where(positive, below_margin - hard, 0).sum()
-    return num_valid_triplets - num_hard - num_semihard, num_semihard, num_hard
+    n = labels.shape[0]
+    arange = torch.arange(n, device=labels.device)
+    order = torch.argsort(labels, stable=True)
+    start = torch.searchsorted(labels[order].contiguous(), labels, side="left")
+    rank = torch.empty_like(order).scatter_(0, order, arange)
+    return order[(start[:, None] + arange) % n], (rank - start) % n
 
 
-def _hardest_distances(
-    distances: Tensor, positive: Tensor, negative: Tensor, valid_anchor: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor max d(a, p) and min d(a, n), (N,) each, 0 where the anchor is not valid."""
-    hardest_positive = distances.masked_fill(~positive, -torch.inf).amax(dim=1)
-    hardest_negative = distances.masked_fill(~negative, torch.inf).amin(dim=1)
-    return (
-        torch.where(valid_anchor, hardest_positive, 0.0),
-        torch.where(valid_anchor, hardest_negative, 0.0),
+@dataclass
+class _Rows:
+    """Each anchor's positives and shifted negatives, stably sorted (see ``_sorted_rows``).
+
+    The anchor itself sorts last (its key is the largest float), so it is neither.
+    """
+
+    values: Tensor  # (N, N) sorted keys, differentiable
+    positive: Tensor  # (N, N) bool: the sorted entry is a positive
+    negative: Tensor  # (N, N) bool: the sorted entry is a (shifted) negative
+    negatives_before: Tensor  # (N, N) int: negatives strictly below the entry
+
+    def count_below_positives(self) -> Tensor:
+        """Σ over (a, p) of #{n : key_n < key_p}: a difficulty or violation count."""
+        return torch.where(self.positive, self.negatives_before, 0).sum()
+
+
+def _sorted_rows(
+    distances: Tensor,
+    columns: tuple[Tensor, Tensor],
+    class_size: Tensor,
+    shift: Tensor | float,
+) -> _Rows:
+    """Sort each row of positives d(a,p) and shifted negatives d(a,n) − shift together.
+
+    For a positive p, the negatives sorted before it are exactly those with
+    d(a,n) < d(a,p) + shift: with shift = m, the triplets with a positive loss.
+    """
+    order, self_column = columns
+    rotated = distances.gather(1, order)
+    position = torch.arange(distances.shape[0], device=distances.device)
+    keys = torch.where(position[None, :] >= class_size[:, None], rotated - shift, rotated)
+    largest = torch.finfo(keys.dtype).max
+    keys = keys.scatter(1, self_column[:, None], largest)
+    values, index = torch.sort(keys, dim=1, stable=True)
+    negative = index >= class_size[:, None]
+    positive = ~negative
+    positive[:, -1] = False  # the anchor itself
+    return _Rows(
+        values=values,
+        positive=positive,
+        negative=negative,
+        negatives_before=negative.cumsum(dim=1, dtype=torch.int32),
     )
 
 
-def _scale(hardest_negative: Tensor, num_valid_anchors: Tensor, scaled: bool) -> Tensor:
-    """S = mean over valid anchors of the hardest negative distance (scaled), else 1."""
+def _hardest_positive(distances: Tensor, positive: Tensor, valid_anchor: Tensor) -> Tensor:
+    """Per-anchor max_p d(a, p), (N,), 0 where the anchor is not valid.
+
+    ``max`` with indices, not ``amax``: the gradient goes to one hardest positive (a valid
+    subgradient under ties) without another pass over the matrix to split it.
+    """
+    hardest = torch.where(positive, distances, -torch.inf).max(dim=1).values
+    return torch.where(valid_anchor, hardest, 0.0)
+
+
+def _hardest_negative(distances: Tensor, negative: Tensor, valid_anchor: Tensor) -> Tensor:
+    """Per-anchor min_n d(a, n), (N,), 0 where the anchor is not valid."""
+    hardest = torch.where(negative, distances, torch.inf).min(dim=1).values
+    return torch.where(valid_anchor, hardest, 0.0)
+
+
+def _scale(hardest_negative: Tensor, num_valid_anchors: Tensor, scaled: bool) -> Tensor | None:
+    """S = mean over valid anchors of the hardest negative distance, or None (unscaled)."""
     if not scaled:
-        return hardest_negative.new_ones(())
+        return None
     return (hardest_negative.sum() / num_valid_anchors.clamp_min(1)).clamp_min(SCALE_FLOOR)
 
 
@@ -244,26 +291,50 @@ class _Batch:
     """What both reductions need about one batch; every tensor lives on the batch's device."""
 
     distances: Tensor  # (N, N)
+    labels: Tensor  # (N,)
     positive: Tensor  # (N, N) bool
     negative: Tensor  # (N, N) bool
+    class_size: Tensor  # (N,) int64
     valid_anchor: Tensor  # (N,) bool
     num_valid_anchors: Tensor  # () int64
     num_valid_triplets: Tensor  # () int64
 
     @classmethod
     def build(cls, embeddings: Tensor, labels: Tensor, distance: Distance) -> _Batch:
-        distances = pairwise_distances(embeddings, distance)
+        n = labels.shape[0]
         positive, negative = label_masks(labels)
-        num_positives, num_negatives = positive.sum(dim=1), negative.sum(dim=1)
+        class_size = _class_sizes(labels)
+        num_positives, num_negatives = class_size - 1, n - class_size
         valid_anchor = (num_positives > 0) & (num_negatives > 0)
         return cls(
-            distances=distances,
+            distances=pairwise_distances(embeddings, distance),
+            labels=labels,
             positive=positive,
             negative=negative,
+            class_size=class_size,
             valid_anchor=valid_anchor,
             num_valid_anchors=valid_anchor.sum(),
             num_valid_triplets=(num_positives * num_negatives).sum(),
         )
+
+    def difficulty_counts(
+        self, margin: float, below_margin: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(num_easy, num_semihard, num_hard) from raw distances and the unscaled margin.
+
+        ``below_margin``, the count of (a, p, n) with d_an < d_ap + m, is sorted for
+        unless given.
+        """
+        with torch.no_grad():
+            distances = self.distances.detach()
+            columns = _class_first_columns(self.labels)
+            hard = _sorted_rows(distances, columns, self.class_size, 0.0)
+            num_hard = hard.count_below_positives()
+            if below_margin is None:
+                rows = _sorted_rows(distances, columns, self.class_size, margin)
+                below_margin = rows.count_below_positives()
+        num_semihard = below_margin - num_hard
+        return self.num_valid_triplets - below_margin, num_semihard, num_hard
 
     def statistics(
         self,
@@ -294,25 +365,21 @@ class _Batch:
 def _batch_hard(
     batch: _Batch, margin: float, scaled: bool, with_statistics: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
-    hardest_positive, hardest_negative = _hardest_distances(
-        batch.distances, batch.positive, batch.negative, batch.valid_anchor
-    )
+    distances = batch.distances
+    hardest_positive = _hardest_positive(distances, batch.positive, batch.valid_anchor)
+    hardest_negative = _hardest_negative(distances, batch.negative, batch.valid_anchor)
     scale = _scale(hardest_negative, batch.num_valid_anchors, scaled)
-    per_anchor = torch.relu((hardest_positive - hardest_negative) / scale + margin)
+    difference = hardest_positive - hardest_negative
+    per_anchor = torch.relu((difference if scale is None else difference / scale) + margin)
     per_anchor = torch.where(batch.valid_anchor, per_anchor, 0.0)
     loss = per_anchor.sum() / batch.num_valid_anchors.clamp_min(1)
     if not with_statistics:
         return loss, None
-    # The difficulty counts range over all valid triplets, not only the hardest ones, so
-    # they need the sorted negatives that batch-all sorts anyway; batch-hard sorts only here.
+    # The difficulty counts range over all valid triplets, not only the hardest ones, which
+    # takes two row sorts: batch-hard pays for them only when statistics are asked for.
     with torch.no_grad():
-        distances = batch.distances.detach()
-        sorted_negatives = _sort_negatives(distances, batch.negative)
-        counts = _difficulty_counts(
-            distances, sorted_negatives, batch.positive, batch.num_valid_triplets, margin
-        )
         stats = batch.statistics(
-            counts,
+            batch.difficulty_counts(margin),
             num_loss_terms=batch.num_valid_anchors,
             num_positive_loss=(per_anchor > 0).sum(),
             hardest_positive=hardest_positive,
@@ -324,46 +391,38 @@ def _batch_hard(
 def _batch_all(
     batch: _Batch, margin: float, scaled: bool, with_statistics: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
-    distances, positive = batch.distances, batch.positive
-    sorted_negatives = _sort_negatives(distances, batch.negative)
-    # The row minimum is the hardest negative: no second pass over the matrix for it.
-    hardest_negative = torch.where(batch.valid_anchor, sorted_negatives[:, 0], 0.0)
-    scale = _scale(hardest_negative, batch.num_valid_anchors, scaled)
-
-    # A triplet's term (d_ap − d_an)/S + m is > 0 exactly when d_an < d_ap + m·S.
-    with torch.no_grad():
-        violating = _count_below(sorted_negatives.detach(), distances.detach() + margin * scale)
-        violating = torch.where(positive, violating, 0)
-    # Prefix sums in float64: Σ d_an over thousands of negatives must not drift.
-    finite_sorted = torch.where(sorted_negatives.isinf(), 0.0, sorted_negatives)
-    prefix = F.pad(finite_sorted.cumsum(dim=1, dtype=torch.float64), (1, 0))
-    violating_sum = prefix.gather(1, violating)
-    violating_float = violating.to(torch.float64)
-    # Σ_n over violating negatives of (d_ap − d_an)/S + m, for every (a, p) at once.
-    terms = (violating_float * distances.to(torch.float64) - violating_sum) / scale
-    total = (terms + margin * violating_float).sum()
-    num_positive_loss = violating.sum()
+    distances = batch.distances
+    hardest_negative = None
+    scale = None
+    if scaled or with_statistics:
+        hardest_negative = _hardest_negative(distances, batch.negative, batch.valid_anchor)
+        scale = _scale(hardest_negative, batch.num_valid_anchors, scaled)
+    # (d_ap − d_an)/S + m > 0 ⇔ d_an − m·S < d_ap: shift the negatives by m·S and sort each
+    # row once; the negatives sorted before a positive are exactly its violating ones.
+    shift = margin if scale is None else margin * scale
+    columns = _class_first_columns(batch.labels)
+    rows = _sorted_rows(distances, columns, batch.class_size, shift)
+    count = torch.where(rows.positive, rows.negatives_before, 0)
+    # Σ over violating n of (d_ap − d_an)/S + m = Σ (v_p − v_n)/S, v_n = d_an − m·S:
+    # v_p times the count, minus the prefix sum (float64) of the shifted negatives. The
+    # count is 0 away from positives, the anchor's own (largest) key included.
+    prefix = torch.where(rows.negative, rows.values, 0.0).cumsum(dim=1, dtype=torch.float64)
+    total = (count.to(distances.dtype) * rows.values).sum(dtype=torch.float64)
+    total = total - torch.where(rows.positive, prefix, 0.0).sum()
+    if scale is not None:
+        total = total / scale
+    num_positive_loss = count.sum()
     loss = (total / num_positive_loss.clamp_min(1)).to(distances.dtype)
     if not with_statistics:
         return loss, None
     with torch.no_grad():
-        counts = _difficulty_counts(
-            distances.detach(),
-            sorted_negatives.detach(),
-            positive,
-            batch.num_valid_triplets,
-            margin,
-            # Unscaled, the loss's own threshold d_ap + m is the semi-hard boundary.
-            below_margin=None if scaled else violating,
-        )
-        hardest_positive, _ = _hardest_distances(
-            distances.detach(), positive, batch.negative, batch.valid_anchor
-        )
+        # Unscaled, the loss's own threshold d_ap + m is the semi-hard boundary.
+        counts = batch.difficulty_counts(margin, below_margin=None if scaled else num_positive_loss)
         stats = batch.statistics(
             counts,
             num_loss_terms=batch.num_valid_triplets,
             num_positive_loss=num_positive_loss,
-            hardest_positive=hardest_positive,
+            hardest_positive=_hardest_positive(distances, batch.positive, batch.valid_anchor),
             hardest_negative=hardest_negative,
         )
     return loss, stats
@@ -478,7 +537,7 @@ def batch_hard_triplet_loss(
         margin: m > 0.
         scaled: divide the difference by S (Quaterion's collapse-resistant variant).
         distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-        return_statistics: also return the ``TripletStatistics`` (costs one row sort).
+        return_statistics: also return the ``TripletStatistics`` (costs two row sorts).
         check_finite: reject NaN/inf rows (one host synchronisation on GPU).
 
     Returns:
@@ -532,8 +591,8 @@ def batch_all_triplet_loss(
     t > 0 (0 if there are none); t = (d(a,p) − d(a,n)) / S + m when ``scaled``.
 
     Exact, in O(N² log N) time and O(N²) memory (see the module docstring). Arguments and
-    returns as for :func:`batch_hard_triplet_loss`; its statistics come from the same sort
-    as the loss, at the cost of two extra binary searches.
+    returns as for :func:`batch_hard_triplet_loss`; its statistics cost one more row sort
+    (two when ``scaled``).
     """
     return _loss_or_pair(
         "batch_all",

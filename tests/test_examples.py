@@ -96,7 +96,7 @@ def test_digits_collapse_scaled_stays_healthy(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------- mnist_triplet.py
-def write_fake_mnist(folder: Path, n: int = 1024) -> None:
+def write_fake_mnist(folder: Path, n: int = 640) -> None:
     """``n`` MNIST-format images (scikit-learn digits upscaled 8×8 → 24×24, padded to 28×28)
     and labels as raw IDX files: images gzipped, labels not, to read both kinds."""
     images, labels = load_digits(return_X_y=True)
@@ -122,11 +122,11 @@ def test_mnist_trains_on_raw_idx_files(tmp_path: Path) -> None:
     assert list(run.metrics["step"]) == [0, 1, 2]
     assert run.metadata["loss_class"] == "BatchAllTripletLoss" and run.metadata["margin"] == 0.2
     assert run.metadata["model_class"] == "EmbeddingNet"
-    # Two batches of 512 per epoch: the third step starts a second epoch.
-    assert list(run.metrics["batch_size"]) == [512, 512, 512]
+    # 640 images: a batch of 512, the last 128, then the second epoch starts.
+    assert list(run.metrics["batch_size"]) == [512, 128, 512]
     assert set(run.metrics["embedding_dim"]) == {50}
     assert run.metrics["embedding_norm_mean"].to_numpy() == pytest.approx(1.0, abs=1e-5)
-    assert "trained 3 steps on 1024 images" in stdout
+    assert "trained 3 steps on 640 images" in stdout
 
 
 def test_mnist_without_data_exits_2_with_a_clear_message(tmp_path: Path) -> None:

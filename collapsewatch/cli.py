@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from collapsewatch._version import __version__
-from collapsewatch.detect import DetectorConfig, Verdict, analyze
+from collapsewatch.detect import Verdict, analyze
 from collapsewatch.store import Run, RunFileError, iter_readable_runs, load_run
 
 STATE_STYLE = {
@@ -47,14 +47,6 @@ def _load(path: str) -> Run:
         return load_run(path)
     except RunFileError as error:
         raise CommandError(str(error)) from None
-
-
-def run_verdict(run: Run) -> Verdict:
-    """Replay a run through the detector with the thresholds it was recorded with."""
-    recorded = run.metadata.get("detector") or {}
-    fields = DetectorConfig.__dataclass_fields__
-    config = DetectorConfig(**{k: v for k, v in recorded.items() if k in fields})
-    return analyze(run.metrics, config)
 
 
 def display_state(verdict: Verdict) -> str:
@@ -102,7 +94,7 @@ def summary(run: Run, verdict: Verdict) -> dict[str, Any]:
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     run = _load(args.run)
-    verdict = run_verdict(run)
+    verdict = analyze(run)
     if args.json:
         _json(_sanitize(summary(run, verdict)))
     else:
@@ -133,7 +125,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     rows = []
     for path in args.runs:
         run = _load(path)
-        verdict = run_verdict(run)
+        verdict = analyze(run)
         rows.append(
             {
                 "run": run.name,
@@ -254,7 +246,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
     run = _load(args.run)
     output = Path(args.output)
-    write_report(run, run_verdict(run), output)
+    write_report(run, analyze(run), output)
     console.print(f"report written to {output}")
     return 0
 
@@ -291,7 +283,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     )
     for path in paths:
         run = _load(str(path))
-        verdict = run_verdict(run)
+        verdict = analyze(run)
         final = final_metrics(run.metrics)
         table.add_row(
             run.name,

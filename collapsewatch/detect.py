@@ -28,13 +28,14 @@ either independent warning is active, else "healthy".
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from collapsewatch.store import Event
+from collapsewatch.store import Event, Run, load_run
 
 HEALTHY, WARNING, COLLAPSED = "healthy", "warning", "collapsed"
 
@@ -345,10 +346,27 @@ def verdict_from_events(events: Iterable[Event], state: str, last_step: int | No
     )
 
 
-def analyze(metrics: pd.DataFrame, config: DetectorConfig | None = None) -> Verdict:
-    """Replay a run's metrics (``load_run(path).metrics``) through a fresh detector."""
+def analyze(
+    run: str | os.PathLike[str] | Run | pd.DataFrame, config: DetectorConfig | None = None
+) -> Verdict:
+    """Replay a run through a fresh detector and return its verdict.
+
+    Args:
+        run: a run file's path, a loaded :class:`~collapsewatch.store.Run`, or a metrics
+            DataFrame (``Run.metrics``).
+        config: the thresholds; by default those the run was recorded with (or the defaults
+            for a bare DataFrame), so the verdict reproduces what ``watch()`` saw live.
+    """
+    if isinstance(run, str | os.PathLike):
+        run = load_run(run)
+    if isinstance(run, Run):
+        if config is None:
+            recorded = run.metadata.get("detector") or {}
+            known = DetectorConfig.__dataclass_fields__
+            config = DetectorConfig(**{k: v for k, v in recorded.items() if k in known})
+        run = run.metrics
     detector = CollapseDetector(config or DetectorConfig())
     events: list[Event] = []
-    for row in metrics.sort_values("step").to_dict("records"):
+    for row in run.sort_values("step").to_dict("records"):
         events += detector.update(row)
     return verdict_from_events(events, detector.state, detector.last_step)

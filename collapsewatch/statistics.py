@@ -7,7 +7,7 @@ vector describes the global batch, where averaging per-rank variances or ranks w
 The vectors are copied to the host in batches and turned into the recorded columns by
 :func:`derive_metrics` (numpy, in the background writer thread).
 
-Columns (all float64; ``step`` int):
+Columns (float64; ``step``, ``nonfinite_count``, ``embedding_dim`` and ``batch_size`` int64):
 
 =====================  ==========================================================
 loss                   the loss value (under DDP: the mean over ranks)
@@ -223,9 +223,9 @@ def derive_metrics(
         "embedding_norm_mean": norm_mean,
         "std_of_l2_normalized": np.sqrt(np.maximum(unit_variance, 0.0)).mean(axis=1),
         "effective_rank": ranks,
-        "nonfinite_count": nonfinite,
-        "embedding_dim": np.full(len(steps), float(dim)),
-        "batch_size": rows,
+        "nonfinite_count": nonfinite.astype(np.int64),
+        "embedding_dim": np.full(len(steps), dim, dtype=np.int64),
+        "batch_size": rows.astype(np.int64),
         "num_valid_triplets": vectors[:, _TRIPLET][:, STATISTIC_FIELDS.index("num_valid_triplets")],
     }
     for index, name in enumerate(STATISTIC_RATIOS):

@@ -18,6 +18,7 @@ while one writer writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -209,15 +210,17 @@ class RunWriter:
         if missing:
             raise ValueError(f"metrics need columns {sorted(missing)}")
         self._begin()
+        integer = {c for c in frame.columns if pd.api.types.is_integer_dtype(frame[c])}
         for column in frame.columns:
             if column not in self._columns:
                 if not _COLUMN.fullmatch(str(column)):
                     raise ValueError(f"invalid metric column name {column!r}")
-                self._db.execute(f"ALTER TABLE metrics ADD COLUMN {column} REAL")
+                kind = "INTEGER" if column in integer else "REAL"
+                self._db.execute(f"ALTER TABLE metrics ADD COLUMN {column} {kind}")
                 self._columns.append(str(column))
         names = [str(c) for c in frame.columns]
         # Plain Python values for sqlite3; SQLite stores a NaN double as NULL.
-        columns = [frame[c].astype("int64" if c == "step" else "float64").tolist() for c in names]
+        columns = [frame[c].astype("int64" if c in integer else "float64").tolist() for c in names]
         placeholders = ", ".join("?" * len(names))
         self._db.executemany(
             f"INSERT INTO metrics ({', '.join(names)}) VALUES ({placeholders})",
@@ -262,6 +265,12 @@ class RunWriter:
         self.set_metadata({"status": status, "finished": time.time()})
         self.commit()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # A finished run becomes one self-contained file again, which read-only openers
+        # can read without creating -wal/-shm files beside it. If a reader has it open
+        # right now the switch is refused; the run then simply stays in WAL mode.
+        self._db.execute("PRAGMA busy_timeout=200")
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("PRAGMA journal_mode=DELETE")
         self._db.close()
         self._db = None
 
@@ -368,7 +377,8 @@ class RunReader:
             columns: the columns to read (``step`` is always included); default all.
             until_step: only rows up to this step.
         """
-        available = self.metric_columns()
+        declared = {row[1]: row[2] for row in self._query("PRAGMA table_info(metrics)")}
+        available = list(declared)
         wanted = list(available if columns is None else dict.fromkeys(["step", *columns]))
         unknown = [c for c in wanted if c not in available]
         if unknown:
@@ -385,9 +395,12 @@ class RunReader:
             sql += " WHERE " + " AND ".join(where)
         rows = self._query(sql + " ORDER BY step", parameters)
         frame = pd.DataFrame.from_records(rows, columns=wanted)
-        floats = [c for c in wanted if c != "step"]
-        frame[floats] = frame[floats].astype("float64")
-        frame["step"] = frame["step"].astype("int64")
+        for column in wanted:
+            if declared[column] != "INTEGER":
+                frame[column] = frame[column].astype("float64")
+            else:  # integer counts come back as integers (nullable only if a value is missing)
+                values = frame[column]
+                frame[column] = values.astype("Int64" if values.isna().any() else "int64")
         return frame
 
     def events(self, since_id: int | None = None) -> pd.DataFrame:

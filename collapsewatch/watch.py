@@ -607,6 +607,11 @@ def watch(
     distance_spec = find_distance(loss_fn, distance)
     rank, world_size = _distributed()
     name = check_run_name(run) if run is not None else _default_run_name(loss_fn)
+    if rank == 0 and run_path(logdir, name).exists():
+        raise FileExistsError(
+            f"run {name!r} already exists in {str(logdir)!r}; pick another name, or leave "
+            "run= out for a unique timestamped one"
+        )
     if world_size > 1:
         # Every rank must report the same run path; rank 0's name wins.
         shared = [name]

@@ -60,7 +60,7 @@ def worker(rank: int, store: str, args: argparse.Namespace) -> None:
             print(f"run: {w.path} ({len(run.metrics)} steps)")
             print(f"world_size: {run.metadata['world_size']}")
             print(f"global batch: {int(run.metrics['batch_size'].iloc[-1])} embeddings/step")
-            print(f"verdict: {cw.analyze(run.metrics).state}", flush=True)
+            print(f"verdict: {cw.analyze(run).state}", flush=True)
     finally:
         dist.destroy_process_group()
 

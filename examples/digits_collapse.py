@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loss.backward()
             optimizer.step()
 
-    verdict = cw.analyze(cw.load_run(w.path).metrics)
+    verdict = cw.analyze(w.path)
     print(f"run: {w.path}")
     print(f"final loss: {loss.item():.4f} (margin 0.2)")
     onset = f" (collapse flagged at step {verdict.onset_step})" if verdict.collapsed else ""

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = cw.load_run(callback.path)
     print(f"run: {callback.path} ({len(run.metrics)} steps)")
-    print(f"verdict: {cw.analyze(run.metrics).state}")
+    print(f"verdict: {cw.analyze(run).state}")
     return 0
 
 

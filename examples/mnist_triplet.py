@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if step == args.steps:
                     break
 
-    verdict = cw.analyze(cw.load_run(w.path).metrics)
+    verdict = cw.analyze(w.path)
     print(f"run: {w.path}")
     print(f"trained {step} steps on {len(labels)} images; verdict: {verdict.state}")
     return 0

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"last step: loss {last.loss:.4f}, easy {last.frac_easy:.1%}, "
         f"semi-hard {last.frac_semihard:.1%}, hard {last.frac_hard:.1%}"
     )
-    print(f"verdict: {cw.analyze(run.metrics).state}")
+    print(f"verdict: {cw.analyze(run).state}")
     return 0
 
 

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(summary(run.metrics))
 
-    verdict = cw.analyze(run.metrics)
+    verdict = cw.analyze(run)
     output = args.output or path.with_suffix(".html")
     figure(run, verdict).write_html(output, include_plotlyjs=True)  # no CDN: works offline
     print(f"plot: {output}")

@@ -129,6 +129,26 @@ def test_run_names_cannot_escape_the_log_directory(name):
         check_run_name(name)
 
 
+def test_a_finished_run_is_one_file_that_readers_leave_alone(tmp_path):
+    make_run(tmp_path).close()
+    load_run(run_path(tmp_path, "run"))
+    with RunReader(run_path(tmp_path, "run")) as reader:
+        reader.summary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.cwrun"]
+
+
+def test_integer_columns_come_back_as_integers(tmp_path):
+    writer = make_run(tmp_path, steps=2)
+    writer.append_metrics(
+        pd.DataFrame({"step": [2, 3], "time": [1.0, 2.0], "batch_size": [64, 32]})
+    )
+    writer.close()
+    metrics = load_run(run_path(tmp_path, "run")).metrics
+    assert metrics["step"].dtype == "int64" and metrics["loss"].dtype == "float64"
+    assert metrics["batch_size"].dtype == "Int64"  # missing before step 2
+    assert metrics["batch_size"].tolist()[2:] == [64, 32]
+
+
 def test_metrics_are_append_only(tmp_path):
     writer = make_run(tmp_path, steps=3)
     with pytest.raises(sqlite3.IntegrityError):

@@ -45,6 +45,7 @@ def test_bundled_loss_records_the_statistics_of_its_own_pass(tmp_path):
             loss_fn(net(x), y).backward()  # no optimiser step: the embeddings stay known
     m = cw.load_run(w.path).metrics
     assert list(m["step"]) == [0, 1, 2, 3]
+    assert m["batch_size"].dtype == "int64" and m["embedding_dim"].dtype == "int64"
     for row, (x, y) in zip(m.itertuples(), batches, strict=True):
         with torch.no_grad():
             z = net(x).double()
@@ -156,8 +157,10 @@ def test_bad_arguments(tmp_path):
         cw.watch(net, loss_fn, logdir=tmp_path, run="../outside")
     with cw.watch(net, loss_fn, logdir=tmp_path, run="taken"):
         pass
-    with pytest.raises(FileExistsError):
+    hooks = dict(net._forward_hooks)
+    with pytest.raises(FileExistsError, match=r"'taken' already exists .* leave run= out"):
         cw.watch(net, loss_fn, logdir=tmp_path, run="taken")
+    assert dict(net._forward_hooks) == hooks  # nothing was attached
 
 
 @dataclasses.dataclass

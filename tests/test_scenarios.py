@@ -97,11 +97,26 @@ def test_transient_collapse_recovers(runs, capsys):
 def test_post_hoc_verdicts_reproduce_the_live_ones(runs, name):
     run = cw.load_run(runs[name])
     live = [(e.step, e.kind, e.state, e.message, e.evidence) for e in run.events.itertuples()]
-    replayed = [
-        (e.step, e.kind, e.state, e.message, dict(e.evidence))
-        for e in cw.analyze(run.metrics).events
-    ]
-    assert live == replayed
+    for replay in (cw.analyze(runs[name]), cw.analyze(run), cw.analyze(run.metrics)):
+        replayed = [(e.step, e.kind, e.state, e.message, dict(e.evidence)) for e in replay.events]
+        assert live == replayed
+
+
+def test_a_run_replays_with_the_thresholds_it_was_recorded_with(tmp_path):
+    trainer = start_run(
+        DigitsRun("strict", lr=0.5),
+        logdir=tmp_path,
+        on_collapse="ignore",
+        detector=cw.DetectorConfig(window=60),
+    )
+    with trainer.watcher:
+        for _ in range(100):
+            trainer.step()
+    live = cw.load_run(trainer.watcher.path).events
+    collapsed = live[live["kind"] == "collapsed"]["step"].tolist()
+    assert cw.analyze(trainer.watcher.path).onset_step == collapsed[0]
+    assert collapsed[0] - live["step"].iloc[0] >= 60  # the 60-step window, not the default
+    assert cw.analyze(cw.load_run(trainer.watcher.path).metrics).onset_step < collapsed[0]
 
 
 def test_fail_on_collapse_exit_status(runs, capsys):

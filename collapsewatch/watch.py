@@ -235,6 +235,7 @@ class Watcher:
             if isinstance(output, Tensor):
                 record.loss = output.detach()
             record.triplet = self._triplet_statistics(record.call)
+            record.call = None  # do not keep the loss's inputs (and their graph) alive
             if self.world_size > 1:
                 # One collective per recorded step, not waited for here: sums of sufficient
                 # statistics (and the Gram) give the global batch's statistics exactly.

@@ -20,6 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from collapsewatch.statistics import healthy_std_of_l2_normalized
+
 from .data import RunView, Span
 from .decimate import decimate_frame
 from .projection import Projection
@@ -461,7 +463,7 @@ def panels_figure(
         if view.embedding_dim:
             dims.add(view.embedding_dim)
     for dim in sorted(dims):
-        healthy = 1 / math.sqrt(dim)
+        healthy = healthy_std_of_l2_normalized(dim)
         layout["shapes"].append(_hline("y8", healthy, MUTED))
         layout["annotations"].append(
             _hline_label("y8", healthy, f"healthy 1/√{dim} = {healthy:.3f}", MUTED)

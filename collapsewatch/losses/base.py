@@ -29,7 +29,6 @@ class TripletLoss(torch.nn.Module):
     """
 
     mining: ClassVar[Mining]
-    higher_is_better: ClassVar[bool] = False
 
     def __init__(
         self,

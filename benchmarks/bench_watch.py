@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for examples/
-from examples.mnist_triplet import EmbeddingNet
-
 import collapsewatch as cw
+from examples.mnist_triplet import EmbeddingNet
 
 
 def device_name(device: torch.device) -> str:

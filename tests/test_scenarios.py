@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -169,7 +171,13 @@ def test_bad_paths_exit_2_with_one_line(tmp_path):
 
 def test_console_script_is_installed(runs):
     result = subprocess.run(
-        ["collapsewatch", "analyze", str(runs["scaled"]), "--json"],
+        # The script installed beside this interpreter, whatever PATH says.
+        [
+            Path(sysconfig.get_path("scripts")) / "collapsewatch",
+            "analyze",
+            str(runs["scaled"]),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         check=True,

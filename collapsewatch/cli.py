@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -256,9 +258,27 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
         raise CommandError(f"log directory {args.logdir!r} does not exist")
     from collapsewatch.dashboard import serve
 
+    if args.exit_with is not None:
+        _exit_with(args.exit_with)
     console.print(f"collapsewatch dashboard: http://{args.host}:{args.port}")
     serve(args.logdir, host=args.host, port=args.port, interval_ms=args.interval)
     return 0
+
+
+def _exit_with(pid: int) -> None:
+    """Stop this process as soon as process ``pid`` is gone (however it ended)."""
+
+    def watch_parent() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # it exists, owned by someone else
+            time.sleep(1.0)
+
+    threading.Thread(target=watch_parent, name="exit-with-parent", daemon=True).start()
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
@@ -357,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--interval", type=int, default=2000, help="polling interval in ms")
+    p.add_argument(
+        "--exit-with",
+        type=int,
+        metavar="PID",
+        help="stop serving when process PID exits (used by watch(dashboard=...))",
+    )
     p.set_defaults(handler=cmd_dashboard)
 
     p = commands.add_parser("demo", help="train a collapsing and a healthy run on digits")

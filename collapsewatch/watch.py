@@ -507,7 +507,17 @@ def _start_dashboard(logdir: Path, port: int) -> str:
                 f"port {port} is already in use; pass watch(..., dashboard=PORT) with a free port"
             )
     process = subprocess.Popen(
-        [sys.executable, "-m", "collapsewatch", "dashboard", str(logdir), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "collapsewatch",
+            "dashboard",
+            str(logdir),
+            "--port",
+            str(port),
+            "--exit-with",
+            str(os.getpid()),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -453,13 +453,23 @@ for _ in range(240):
 """
 
 
+KILLED_SCRIPT = (
+    DASHBOARD_SCRIPT
+    + """
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no cleanup
+"""
+)
+
+
 @pytest.mark.slow
-def test_dashboard_option_serves_from_a_child_process(tmp_path):
+@pytest.mark.parametrize("script", [DASHBOARD_SCRIPT, KILLED_SCRIPT], ids=["exits", "killed"])
+def test_dashboard_option_serves_from_a_child_process(tmp_path, script):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-c", DASHBOARD_SCRIPT, str(tmp_path), str(port)],
+        [sys.executable, "-c", script, str(tmp_path), str(port)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -467,7 +477,7 @@ def test_dashboard_option_serves_from_a_child_process(tmp_path):
     lines = result.stdout.splitlines()
     assert lines.count(f"collapsewatch dashboard: http://127.0.0.1:{port}") == 1
     assert "status 200" in lines
-    # The server goes away with the training process.
+    # The server goes away with the training process, however that ends.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with socket.socket() as probe:

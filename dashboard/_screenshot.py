@@ -91,18 +91,9 @@ def write_collapsing_run(logdir: Path, name: str = "batchhard-lr0.1", seed: int 
     )
     frame = _frame(t, margin, ratio, mpd, hard, semi, easy, std, rank)
     path = logdir / f"{name}.cwrun"
-    writer = RunWriter(
-        path,
-        {
-            "margin": margin,
-            "embedding_dim": DIM,
-            "model_class": "ResNet18Embedder",
-            "loss_class": "BatchHardTripletLoss",
-            "world_size": 1,
-            "config": {"lr": 0.1, "optimizer": "SGD", "batch_size": 64, "mining": "batch_hard"},
-        },
+    writer = _writer(
+        path, frame, {"lr": 0.1, "optimizer": "SGD", "batch_size": 64, "mining": "batch_hard"}
     )
-    writer.append_metrics(frame)
     peak = float(np.nanmax(mpd))
     warn, onset = 52, 63
     writer.append_events(
@@ -175,18 +166,9 @@ def write_healthy_run(logdir: Path, name: str = "scaled-batchhard-lr0.01", seed:
     rank[::10] = 19 + 8 * learn[::10] + rng.normal(0, 0.3, len(rank[::10]))
     frame = _frame(t, margin, ratio, mpd, hard, semi, easy, std, rank, normalised=True)
     path = logdir / f"{name}.cwrun"
-    writer = RunWriter(
-        path,
-        {
-            "margin": margin,
-            "embedding_dim": DIM,
-            "model_class": "ResNet18Embedder",
-            "loss_class": "BatchHardTripletLoss",
-            "world_size": 1,
-            "config": {"lr": 0.01, "optimizer": "AdamW", "batch_size": 64, "scaled": True},
-        },
+    writer = _writer(
+        path, frame, {"lr": 0.01, "optimizer": "AdamW", "batch_size": 64, "scaled": True}
     )
-    writer.append_metrics(frame)
     centres, labels, noise = _clusters(rng)
     for step in SNAPSHOT_STEPS:
         x = centres[labels] + (0.3 - 0.22 * learn[step]) * noise
@@ -194,6 +176,23 @@ def write_healthy_run(logdir: Path, name: str = "scaled-batchhard-lr0.01", seed:
         writer.add_snapshot(step, x.astype(np.float32), labels.astype(np.int64))
     writer.close("finished")
     return path
+
+
+def _writer(path: Path, frame: pd.DataFrame, config: dict) -> RunWriter:
+    """A run file holding ``frame``'s metrics, as a batch-hard training would write it."""
+    writer = RunWriter(
+        path,
+        {
+            "margin": float(frame["margin"].iloc[0]),
+            "embedding_dim": DIM,
+            "model_class": "ResNet18Embedder",
+            "loss_class": "BatchHardTripletLoss",
+            "world_size": 1,
+            "config": config,
+        },
+    )
+    writer.append_metrics(frame)
+    return writer
 
 
 def _frame(

@@ -114,16 +114,14 @@ def project_pca(snapshot: Any, basis: Basis, first: Any) -> Projection:
         x0, y0 = min(x0, xy[:, 0].min()), min(y0, xy[:, 1].min())
         x1, y1 = max(x1, xy[:, 0].max()), max(y1, xy[:, 1].max())
     ex1, ex2 = basis.explained
-    return Projection(
-        step=snapshot.step,
-        method="pca",
-        xy=xy,
-        labels=None if snapshot.labels is None else snapshot.labels[pick],
-        n_points=len(snapshot.embeddings),
-        radius=_radius(snapshot.embeddings),
-        reference_radius=_radius(first.embeddings),
-        axis_titles=(f"PC 1 ({ex1:.0%} of variance)", f"PC 2 ({ex2:.0%} of variance)"),
-        extent=((float(x0), float(x1)), (float(y0), float(y1))),
+    return _projection(
+        snapshot,
+        first,
+        "pca",
+        xy,
+        pick,
+        (f"PC 1 ({ex1:.0%} of variance)", f"PC 2 ({ex2:.0%} of variance)"),
+        ((float(x0), float(x1)), (float(y0), float(y1))),
     )
 
 
@@ -139,14 +137,27 @@ def project_tsne(snapshot: Any, first: Any) -> Projection:
         ).fit_transform(x)
     else:  # too few or identical points: t-SNE is undefined, every point is one spot
         xy = np.zeros((len(x), 2))
+    return _projection(snapshot, first, "tsne", xy, pick, ("t-SNE 1", "t-SNE 2"), None)
+
+
+def _projection(
+    snapshot: Any,
+    first: Any,
+    method: str,
+    xy: np.ndarray,
+    pick: np.ndarray,
+    axis_titles: tuple[str, str],
+    extent: tuple[tuple[float, float], tuple[float, float]] | None,
+) -> Projection:
+    """The projected points of ``pick``, with the snapshot's real size against the first's."""
     return Projection(
         step=snapshot.step,
-        method="tsne",
+        method=method,
         xy=xy,
         labels=None if snapshot.labels is None else snapshot.labels[pick],
         n_points=len(snapshot.embeddings),
         radius=_radius(snapshot.embeddings),
         reference_radius=_radius(first.embeddings),
-        axis_titles=("t-SNE 1", "t-SNE 2"),
-        extent=None,
+        axis_titles=axis_titles,
+        extent=extent,
     )

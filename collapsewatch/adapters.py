@@ -12,6 +12,7 @@ Three call signatures are understood:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,21 +82,84 @@ def parse_loss_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LossCal
     return None
 
 
-def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> float:
-    """The margin to monitor: ``margin`` if given, else the loss's ``margin`` attribute."""
-    if margin is None:
-        found = getattr(loss_fn, "margin", None)
-        if isinstance(found, Tensor) and found.numel() == 1:
-            found = float(found.detach().cpu())
-        if not isinstance(found, numbers.Real) or isinstance(found, bool):
-            raise ValueError(
-                f"cannot find the margin of {type(loss_fn).__name__}: it has no numeric "
-                "`margin` attribute. Pass it explicitly: watch(model, loss_fn, margin=0.2)"
-            )
-        margin = float(found)
+SOFT_MARGIN_ATTRIBUTES = ("smooth_loss", "soft_margin")
+MARGIN_ATTRIBUTES = ("margin", "triplet_margin")
+
+
+@dataclass(frozen=True)
+class MarginSpec:
+    """What watch() knows about a loss's margin and the loss value at collapse.
+
+    ``margin`` is the m of the difficulty classes (semi-hard: d_ap ≤ d_an < d_ap + m) and
+    of the contraction test; ``plateau`` is the loss value once every distance is 0, the
+    level the detector's plateau rule looks for: m for hinge losses, ln(1 + eᵐ) for
+    soft-margin ones (ln 2 without a margin), PML's ``neg_margin`` for contrastive losses.
+    Either is None when the loss has none; ``source`` says where they came from.
+    """
+
+    margin: float | None
+    plateau: float | None
+    source: str
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value.detach().cpu())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _check_margin(margin: float, source: str) -> float:
     if not (0 < margin < float("inf")):
-        raise ValueError(f"margin must be finite and > 0, got {margin!r}")
-    return float(margin)
+        raise ValueError(f"{source} must be finite and > 0, got {margin!r}")
+    return margin
+
+
+def is_soft_margin(loss_fn: torch.nn.Module) -> bool:
+    """Whether the loss replaces relu(t) by softplus(t) (PML ``smooth_loss``, ST soft-margin)."""
+    flagged = any(getattr(loss_fn, name, False) is True for name in SOFT_MARGIN_ATTRIBUTES)
+    return flagged or "SoftMargin" in type(loss_fn).__name__
+
+
+def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
+    """The margin and collapse plateau to monitor ``loss_fn`` with.
+
+    An explicit ``margin`` wins; else the loss's ``margin`` or ``triplet_margin``
+    (sentence-transformers) attribute; else PML's contrastive ``neg_margin`` (with
+    ``pos_margin``, the margin is their gap). A loss with none of them is margin-free
+    (NTXent, InfoNCE, soft-margin without a margin): ``MarginSpec(None, …)``.
+    """
+    soft = is_soft_margin(loss_fn)
+    name = type(loss_fn).__name__
+    if margin is not None:
+        found, source = _number(margin), "margin="
+        if found is None:
+            raise ValueError(f"margin= must be a number, got {margin!r}")
+    else:
+        found, source = None, ""
+        for attribute in MARGIN_ATTRIBUTES:
+            found = _number(getattr(loss_fn, attribute, None))
+            if found is not None:
+                source = f"{name}.{attribute}"
+                break
+    if found is None and margin is None:
+        negative = _number(getattr(loss_fn, "neg_margin", None))
+        positive = _number(getattr(loss_fn, "pos_margin", None)) or 0.0
+        if negative is not None and negative > positive:
+            # A collapsed contrastive loss pays relu(neg_margin − 0) on every negative pair.
+            source = f"{name}.neg_margin"
+            return MarginSpec(negative - positive, negative, source)
+    if soft:
+        # softplus(d_ap − d_an + m) at d = 0; a soft margin of 0 is still a margin.
+        if found is not None and found < 0:
+            raise ValueError(f"{source} must be ≥ 0 for a soft-margin loss, got {found!r}")
+        m = found or 0.0
+        return MarginSpec(m or None, math.log1p(math.exp(m)), source or f"{name} (soft margin)")
+    if found is None:
+        return MarginSpec(None, None, "")
+    found = _check_margin(found, source)
+    return MarginSpec(found, found, source)
 
 
 @dataclass(frozen=True)
@@ -118,6 +182,17 @@ def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> Distan
         return DistanceSpec(check_distance(distance))
     if isinstance(loss_fn, TripletLoss):
         return DistanceSpec(loss_fn.distance)
+    metric = getattr(loss_fn, "distance_metric", None)
+    if callable(metric):
+        # sentence-transformers keeps a function: BatchHardTripletLossDistanceFunction.*
+        by_name = {
+            "eucledian_distance": "euclidean",
+            "euclidean_distance": "euclidean",
+            "cosine_distance": "cosine",
+        }
+        known = by_name.get(getattr(metric, "__name__", ""))
+        if known is not None:
+            return DistanceSpec(known)
     pml_distance = getattr(loss_fn, "distance", None)
     kind = type(pml_distance).__name__
     if kind == "CosineSimilarity":
@@ -133,3 +208,69 @@ def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> Distan
             "watch(..., distance='euclidean') to monitor it under the Euclidean distance"
         )
     return DistanceSpec("euclidean")
+
+
+def find_labels(args: tuple[Any, ...], kwargs: Mapping[str, Any], n: int) -> Tensor | None:
+    """The one (n,) integer tensor among a call's arguments, or None if none or several."""
+    found = [t for t in (*args, *kwargs.values()) if _is_labels(t, n)]
+    return found[0] if len(found) == 1 else None
+
+
+EMBEDDING_KEYS = ("sentence_embedding", "embeddings", "embedding")
+
+
+def default_embedding(output: Any) -> Tensor:
+    """The (N, D) embeddings in a model's output: the tensor itself; a mapping's
+    ``sentence_embedding`` / ``embeddings`` / ``embedding``; or the rows of a tuple of (N, D)
+    tensors (a siamese/triplet network's branches), concatenated. Raises ``TypeError``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in EMBEDDING_KEYS:
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+        keys = ", ".join(repr(k) for k in list(output)[:8])
+        raise TypeError(
+            f"the model returned a {type(output).__name__} with keys {keys}, none of them "
+            f"{' / '.join(EMBEDDING_KEYS)}; pick one with embedding=lambda out: out['KEY']"
+        )
+    if (
+        isinstance(output, tuple | list)
+        and output
+        and all(_is_embedding(t) for t in output)
+        and len({t.shape[1] for t in output}) == 1
+    ):
+        return output[0] if len(output) == 1 else torch.cat(list(output))
+    raise TypeError(
+        f"the model returned a {type(output).__name__}, not a tensor; pick the embeddings with "
+        "embedding=lambda out: out[0] (or out['KEY'])"
+    )
+
+
+def default_loss_value(output: Any) -> Tensor | None:
+    """The loss value in a loss's output: the tensor itself, the first tensor of a tuple or
+    list (siamese-triplet returns ``(loss, n_triplets)``), or a mapping's ``"loss"``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        value = output.get("loss")
+        return value if isinstance(value, Tensor) else None
+    if isinstance(output, tuple | list):
+        return next((t for t in output if isinstance(t, Tensor) and t.is_floating_point()), None)
+    return None
+
+
+def loss_family(loss_fn: torch.nn.Module) -> str:
+    """Which advice fits the loss: "bundled", "pml_triplet", "pml", "sentence_transformers",
+    "siamese" (a loss with a ``triplet_selector``, as in the siamese-triplet repository) or
+    "other"."""
+    module = type(loss_fn).__module__.split(".")[0]
+    if isinstance(loss_fn, TripletLoss):
+        return "bundled"
+    if module == "pytorch_metric_learning":
+        return "pml_triplet" if "Triplet" in type(loss_fn).__name__ else "pml"
+    if module == "sentence_transformers":
+        return "sentence_transformers"
+    if hasattr(loss_fn, "triplet_selector"):
+        return "siamese"
+    return "other"

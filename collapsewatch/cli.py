@@ -1,4 +1,4 @@
-"""The ``collapsewatch`` command line: analyze, report, compare, runs, dashboard, demo.
+"""The ``collapsewatch`` command line: analyze, report, compare, runs, dashboard, demo, export.
 
 Exit status: 0 on success (whatever the verdict), 1 for ``analyze --fail-on-collapse`` on a
 run collapsed at its end, 2 for bad arguments, missing paths or files that are not runs.
@@ -23,13 +23,14 @@ from rich.table import Table
 
 from collapsewatch._version import __version__
 from collapsewatch.detect import Verdict, analyze
-from collapsewatch.store import Run, RunFileError, iter_readable_runs, load_run
+from collapsewatch.store import Run, RunFileError, RunReader, iter_readable_runs, load_run
 
 STATE_STYLE = {
     "healthy": "green",
     "warning": "yellow",
     "collapsed": "bold red",
     "recovered": "cyan",
+    "empty": "dim",
 }
 FINAL_COLUMNS = (
     "loss_margin_ratio",
@@ -243,6 +244,32 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from collapsewatch import trackers
+
+    try:
+        if args.to == "tensorboard":
+            trackers.require("tensorboard", "tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            # The writer is ours here, so it is closed; a live log_to writer is only flushed.
+            with SummaryWriter(args.output) as writer:
+                trackers.replay(args.run, [trackers.TensorBoardSink(writer)])
+        else:
+            with RunReader(args.run) as reader:
+                metrics = reader.metrics()
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            if args.to == "csv":
+                metrics.to_csv(args.output, index=False)
+            else:
+                trackers.require("pyarrow", "parquet")
+                metrics.to_parquet(args.output, index=False)
+    except (RunFileError, ImportError) as error:
+        raise CommandError(str(error)) from None
+    console.print(f"{args.run} exported to {args.to}: {args.output}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from collapsewatch.report import write_report
 
@@ -397,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_demo)
+
+    p = commands.add_parser(
+        "export", help="write a saved run to TensorBoard (scalars, events, projector) or a table"
+    )
+    p.add_argument("run", help="a run file (.cwrun)")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=("tensorboard", "csv", "parquet"),
+        help="tensorboard: OUTPUT is a log directory; csv, parquet: the metrics table's file",
+    )
+    p.add_argument("output", metavar="OUTPUT")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 

@@ -18,8 +18,10 @@ Rules (every threshold is a field of :class:`DetectorConfig`):
 * collapsed → healthy ("recovered") and warning → healthy ("cleared") only once the
   embeddings have not been contracted for ``recovery_window`` steps: a loss leaving the
   plateau while the points stay together is not a recovery.
-* Independently, dimensional collapse (effective rank below ``rank_fraction`` × D for
-  ``window`` steps) and non-finite embeddings raise warnings of their own, once per onset.
+* Independently, dimensional collapse (the effective rank far below what the batch's
+  classes need, min(C − 1, D, N − 1), for ``window`` steps; below ``rank_fraction`` × D
+  when the labels are unknown) and non-finite embeddings raise warnings of their own, once
+  per onset.
 
 The run's state is "collapsed" if the plateau machine says so, else "warning" if it or
 either independent warning is active, else "healthy".
@@ -38,13 +40,49 @@ import pandas as pd
 from collapsewatch.store import Event, Run, load_run
 
 HEALTHY, WARNING, COLLAPSED = "healthy", "warning", "collapsed"
+EMPTY = "empty"
+"""The state of a run that has not recorded a step: nothing has been judged."""
+
+COLLAPSE_ADVICE = {
+    "bundled": (
+        "Try the scaled variant (scaled=True), a lower learning rate, batch-all instead of "
+        "batch-hard, L2-normalised embeddings, or larger batches with several samples per "
+        "class."
+    ),
+    "pml_triplet": (
+        "Mine semi-hard instead of the hardest triplets (TripletMarginMiner(margin, "
+        "type_of_triplets='semihard') in place of BatchHardMiner), lower the learning rate, "
+        "L2-normalise the embeddings (PML's default LpDistance does), or use larger batches "
+        "with several samples per class (MPerClassSampler)."
+    ),
+    "pml": (
+        "Lower the learning rate, use larger batches with several samples per class "
+        "(MPerClassSampler), and check the loss's temperature or margins; a miner that "
+        "keeps only the hardest pairs makes collapse likelier."
+    ),
+    "sentence_transformers": (
+        "Try BatchSemiHardTripletLoss or BatchHardSoftMarginTripletLoss, or "
+        "MultipleNegativesRankingLoss; lower the learning rate and make batches hold several "
+        "sentences per label (batch_sampler=BatchSamplers.GROUP_BY_LABEL)."
+    ),
+    "siamese": (
+        "Use a semi-hard or random negative selector (SemihardNegativeTripletSelector or "
+        "RandomNegativeTripletSelector) instead of HardestNegativeTripletSelector, lower "
+        "the learning rate, and sample batches with several examples per class."
+    ),
+    "other": (
+        "Lower the learning rate, mine semi-hard instead of the hardest negatives, "
+        "L2-normalise the embeddings, or use larger batches with several samples per class."
+    ),
+}
+
+
+def collapse_advice(loss_family: str | None) -> str:
+    """What to try after a collapse, for a loss of ``adapters.loss_family`` kind."""
+    return COLLAPSE_ADVICE.get(loss_family or "bundled", COLLAPSE_ADVICE["other"])
+
 
 SUGGESTIONS = {
-    "collapse": (
-        "Try the scaled variant (scaled=True), a lower learning rate, semi-hard mining or "
-        "batch-all instead of batch-hard, L2-normalised embeddings, or larger batches with "
-        "several samples per class."
-    ),
     "dimensional_collapse": (
         "The embeddings span only a few directions. Try a lower learning rate, L2-normalised "
         "embeddings, a wider embedding layer, or larger batches."
@@ -66,7 +104,9 @@ class DetectorConfig:
     contraction_peak_fraction: float = 0.1
     window: int = 20
     recovery_window: int = 20
-    rank_fraction: float = 0.05
+    rank_class_fraction: float = 0.4
+    rank_class_recovery_fraction: float = 0.6
+    rank_fraction: float = 0.05  # without labels (num_classes unknown): a share of D
     rank_recovery_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -85,10 +125,10 @@ def _value(row: Mapping[str, Any], name: str) -> float:
         return float("nan")
 
 
-def _informative(row: Mapping[str, Any], ratio: float, distance: float, margin: float) -> bool:
-    """Whether a step says anything about the plateau: known values and a valid triplet."""
-    known = all(math.isfinite(v) for v in (ratio, distance, margin))
-    return known and _value(row, "num_valid_triplets") != 0
+def _informative(row: Mapping[str, Any], distance: float) -> bool:
+    """Whether a step says anything about contraction: a known spread, and a valid triplet
+    where the labels are known (an unknown count, NaN, is no reason to skip)."""
+    return math.isfinite(distance) and _value(row, "num_valid_triplets") != 0
 
 
 def _streak(since: int | None, holds: bool, step: int) -> int | None:
@@ -116,6 +156,7 @@ class CollapseDetector:
     """
 
     config: DetectorConfig = field(default_factory=DetectorConfig)
+    advice: str = COLLAPSE_ADVICE["bundled"]
     plateau_state: str = HEALTHY
     ever_collapsed: bool = False
     peak_distance: float = 0.0
@@ -131,7 +172,10 @@ class CollapseDetector:
 
     @property
     def state(self) -> str:
-        """The run's current state: "healthy", "warning" or "collapsed"."""
+        """The run's current state: "empty" (no step yet), "healthy", "warning" or
+        "collapsed"."""
+        if self.last_step is None:
+            return EMPTY
         if self.plateau_state == COLLAPSED:
             return COLLAPSED
         if self.plateau_state == WARNING or self.low_rank or self.nonfinite:
@@ -156,6 +200,13 @@ class CollapseDetector:
             for e in events
         ]
 
+    def replay(self, metrics: pd.DataFrame) -> list[Event]:
+        """Feed a run's stored rows in step order (post hoc, or to resume a run)."""
+        events: list[Event] = []
+        for row in metrics.sort_values("step").to_dict("records"):
+            events += self.update(row)
+        return events
+
     def _plateau(self, step: int, row: Mapping[str, Any]) -> list[Event]:
         c = self.config
         ratio = _value(row, "loss_margin_ratio")
@@ -166,15 +217,17 @@ class CollapseDetector:
             self.peak_distance, self.peak_distance_step = distance, step
         if variance > self.peak_variance:
             self.peak_variance = variance
-        if not _informative(row, ratio, distance, margin):
+        if not _informative(row, distance):
             # E.g. a small last batch with no valid triplet (loss 0): neither evidence of
             # collapse nor of health, so it must not break a streak either way.
             return []
-        contracted = (
-            distance < c.contraction_margin_fraction * margin
-            and distance < c.contraction_peak_fraction * self.peak_distance
+        # Without a margin (margin-free losses) the spread is judged against its own peak;
+        # without a plateau level or a loss value, a sustained contraction alone is collapse.
+        contracted = distance < c.contraction_peak_fraction * self.peak_distance and not (
+            math.isfinite(margin) and distance >= c.contraction_margin_fraction * margin
         )
-        suspect = contracted and abs(ratio - 1.0) <= c.plateau_tolerance
+        plateau_known = math.isfinite(ratio)
+        suspect = contracted and (abs(ratio - 1.0) <= c.plateau_tolerance or not plateau_known)
         self.contracted_since = _streak(self.contracted_since, contracted, step)
         self.suspect_since = _streak(self.suspect_since, suspect, step)
         self.clear_since = _streak(self.clear_since, not contracted, step)
@@ -190,33 +243,48 @@ class CollapseDetector:
         state = self.plateau_state
         if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
-            message = (
-                f"Collapse at step {step}: loss/margin has been {ratio:.3f} since step "
-                f"{self.suspect_since} while the mean pairwise distance fell to {distance:.3g} "
-                f"(peak {self.peak_distance:.3g} at step {self.peak_distance_step}, "
-                f"margin {margin:g})."
+            spread = (
+                f"the mean pairwise distance fell to {distance:.3g} (peak "
+                f"{self.peak_distance:.3g} at step {self.peak_distance_step}"
             )
+            if plateau_known:
+                message = (
+                    f"Collapse at step {step}: loss/margin has been {ratio:.3f} since step "
+                    f"{self.suspect_since} while {spread}, margin {margin:g})."
+                )
+            else:
+                unknown = "no loss value" if math.isfinite(margin) else "no margin"
+                message = (
+                    f"Collapse at step {step}: the embeddings have stayed contracted since "
+                    f"step {self.suspect_since}: {spread}); the loss plateau is not checked "
+                    f"({unknown} is known)."
+                )
             evidence["since_step"] = self.suspect_since
-            return [Event(step, "collapsed", COLLAPSED, message, SUGGESTIONS["collapse"], evidence)]
+            return [Event(step, "collapsed", COLLAPSED, message, self.advice, evidence)]
         if state == HEALTHY and (
             suspect or (contracted and step - self.contracted_since >= c.window)
         ):
             self.plateau_state = WARNING
-            where = "at the margin" if suspect else f"off the margin ({ratio:.3f})"
+            if not plateau_known:
+                where = "; the loss plateau is not checked"
+            elif suspect:
+                where = " and the loss is at the margin"
+            else:
+                where = f" and the loss is off the margin ({ratio:.3f})"
             message = (
                 f"Possible collapse at step {step}: the mean pairwise distance {distance:.3g} "
-                f"is far below its peak {self.peak_distance:.3g} and the loss is {where}."
+                f"is far below its peak {self.peak_distance:.3g}{where}."
             )
             evidence["since_step"] = self.contracted_since
-            return [Event(step, "warning", WARNING, message, SUGGESTIONS["collapse"], evidence)]
+            return [Event(step, "warning", WARNING, message, self.advice, evidence)]
         if state != HEALTHY and not contracted and step - self.clear_since >= c.recovery_window:
             self.plateau_state = HEALTHY
             evidence["since_step"] = self.clear_since
             if state == COLLAPSED:
                 message = (
                     f"Recovered at step {step}: the embeddings have spread out again since "
-                    f"step {self.clear_since} (mean pairwise distance {distance:.3g}, "
-                    f"loss/margin {ratio:.3f})."
+                    f"step {self.clear_since} (mean pairwise distance {distance:.3g}"
+                    + (f", loss/margin {ratio:.3f})." if plateau_known else ").")
                 )
                 return [Event(step, "recovered", HEALTHY, message, "", evidence)]
             message = (
@@ -226,21 +294,33 @@ class CollapseDetector:
         return []
 
     def _rank(self, step: int, row: Mapping[str, Any]) -> list[Event]:
+        c = self.config
         rank, dim = _value(row, "effective_rank"), _value(row, "embedding_dim")
         if not (math.isfinite(rank) and math.isfinite(dim) and dim > 1):
             return []
         evidence = {"effective_rank": rank, "embedding_dim": dim}
-        self.low_rank_since = _streak(
-            self.low_rank_since, rank < self.config.rank_fraction * dim, step
-        )
-        sustained = (
-            self.low_rank_since is not None and step - self.low_rank_since >= self.config.window
-        )
+        classes, rows = _value(row, "num_classes"), _value(row, "batch_size")
+        if math.isfinite(classes):
+            # C class means span at most C − 1 dimensions (a simplex when training works),
+            # and N rows at most N − 1 once centred; the rank and C come from the same batch.
+            reference = min(classes - 1, dim, rows - 1 if math.isfinite(rows) else dim)
+            evidence.update(num_classes=classes, reference_rank=reference)
+            # RankMe is 1 for a single direction, so compare the dimensions beyond the
+            # first; a reference of 1 (two classes) or less is never judged low.
+            low = rank - 1 < c.rank_class_fraction * (reference - 1)
+            back = rank - 1 >= c.rank_class_recovery_fraction * (reference - 1)
+            judged = f"the {classes:.0f} classes in the batch need about {reference:.0f}"
+        else:
+            low = rank < c.rank_fraction * dim
+            back = rank >= c.rank_recovery_fraction * dim
+            judged = "no labels, so judged against D"
+        self.low_rank_since = _streak(self.low_rank_since, low, step)
+        sustained = self.low_rank_since is not None and step - self.low_rank_since >= c.window
         if not self.low_rank and sustained:
             self.low_rank = True
             message = (
                 f"Dimensional collapse at step {step}: effective rank {rank:.2f} of "
-                f"{dim:.0f} dimensions."
+                f"{dim:.0f} dimensions ({judged})."
             )
             return [
                 Event(
@@ -252,7 +332,7 @@ class CollapseDetector:
                     evidence,
                 )
             ]
-        if self.low_rank and rank >= self.config.rank_recovery_fraction * dim:
+        if self.low_rank and back:
             self.low_rank = False
             message = f"Effective rank back to {rank:.2f} of {dim:.0f} dimensions at step {step}."
             return [Event(step, "dimensional_collapse_cleared", HEALTHY, message, "", evidence)]
@@ -359,14 +439,14 @@ def analyze(
     """
     if isinstance(run, str | os.PathLike):
         run = load_run(run)
+    advice = COLLAPSE_ADVICE["bundled"]
     if isinstance(run, Run):
         if config is None:
             recorded = run.metadata.get("detector") or {}
             known = DetectorConfig.__dataclass_fields__
             config = DetectorConfig(**{k: v for k, v in recorded.items() if k in known})
+        advice = collapse_advice(run.metadata.get("loss_family"))
         run = run.metrics
-    detector = CollapseDetector(config or DetectorConfig())
-    events: list[Event] = []
-    for row in run.sort_values("step").to_dict("records"):
-        events += detector.update(row)
+    detector = CollapseDetector(config or DetectorConfig(), advice=advice)
+    events = detector.replay(run)
     return verdict_from_events(events, detector.state, detector.last_step)

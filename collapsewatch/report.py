@@ -23,6 +23,7 @@ STATE_COLOURS = {  # Okabe–Ito, always shown together with the state's name
     "recovered": "#0072B2",
     "warning": "#E69F00",
     "collapsed": "#D55E00",
+    "empty": "#9AA5B1",
 }
 
 _CSS = """

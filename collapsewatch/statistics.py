@@ -11,8 +11,10 @@ Columns (float64; ``step``, ``nonfinite_count``, ``embedding_dim`` and ``batch_s
 
 =====================  ==========================================================
 loss                   the loss value (under DDP: the mean over ranks)
-margin                 the loss's margin m
-loss_margin_ratio      loss / m; ≈ 1 on the batch-hard collapse plateau
+margin                 the loss's margin m (NaN for a margin-free loss)
+loss_margin_ratio      loss / plateau, the plateau being the loss at zero distances: m for
+                       hinge losses, ln(1 + eᵐ) for soft-margin ones; ≈ 1 on the collapse
+                       plateau; NaN without a margin
 embedding_variance     (1/D) Σ_d Var_i(z_id), unbiased (N − 1); 0 if N < 2
 mean_pairwise_distance mean over ordered pairs i ≠ j of d(z_i, z_j), as the loss sees it
 frac_easy/…semihard/…hard  share of valid triplets that are easy / semi-hard / hard
@@ -22,11 +24,19 @@ hardest_negative_mean  mean over valid anchors of min_n d(a, n)
 embedding_norm_mean    (1/N) Σ_i ‖z_i‖
 std_of_l2_normalized   (1/D) Σ_d Std_i(z_id / ‖z_i‖), unbiased; ≈ 1/√D healthy, 0 collapsed
 effective_rank         RankMe: exp(−Σ_k p_k log p_k), p_k = σ_k / Σσ + 1e-7, σ = √eig(ZᵀZ)
+num_classes            C, distinct labels among the rows (label mod ``CLASS_BUCKETS``)
+within_class_variance_ratio  tr Σ_W / tr Σ_T (NC1): 1 no class structure, → 0 tight classes
+alignment              mean over positive pairs i ≠ j of ‖u_i − u_j‖², u = z/‖z‖
+uniformity             log mean over pairs i ≠ j of exp(−2‖u_i − u_j‖²)
 nonfinite_count        NaN/inf entries among the step's embeddings
 embedding_dim          D
 batch_size             N, rows of the step's embeddings (finite and not)
 num_valid_triplets     valid (a, p, n) triplets the statistics were computed over
 =====================  ==========================================================
+
+The last five are measured on *rank steps* only (``watch(..., rank_every=…)``; NaN on the
+other steps), from one more vector of sums (:func:`rank_step_sums`): the Gram matrix, four
+pair sums and a class table. The step vector itself keeps its size.
 
 Embedding statistics use only the rows that are entirely finite; ``nonfinite_count`` says
 how many entries were not.
@@ -65,24 +75,60 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "embedding_norm_mean",
     "std_of_l2_normalized",
     "effective_rank",
+    "num_classes",
+    "within_class_variance_ratio",
+    "alignment",
+    "uniformity",
     "nonfinite_count",
     "embedding_dim",
     "batch_size",
     "num_valid_triplets",
 )
 
+MARGIN_RELATIVE: tuple[str, ...] = ("frac_easy", "frac_semihard", "frac_positive_loss")
+"""Columns defined through the margin m: NaN for a margin-free loss (frac_hard, d_an < d_ap,
+needs none)."""
+
 RANKME_EPSILON = 1e-7
+
+# Rows of the class table: a label counts in row ``label mod CLASS_BUCKETS``, so the table has
+# a fixed shape (no host sync to count classes, the same shape on every DDP rank) and is exact
+# for labels in [0, CLASS_BUCKETS); labels that share a row are counted as one class.
+CLASS_BUCKETS = 1024
+# Relative size under which tr Σ_T is rounding noise of Σ‖z‖² (all rows equal): ratio unknown.
+_ROUNDING = 1e-12
 
 # Layout of a step vector: [loss, triplet sums…, embedding sums…], the embedding sums being
 # [rows, finite rows, non-finite entries, Σ‖z‖, Σ z², Σ_i z_i (D), Σ_i ẑ_i (D), Σ_i ẑ_i² (D)].
 _TRIPLET = slice(1, 1 + len(STATISTIC_FIELDS))
 _EMBEDDING = 1 + len(STATISTIC_FIELDS)
 _SCALARS = 5
+# Layout of a rank-step vector: [Gram (D·D), pair sums (4), class table (K, 1 + D)], the pair
+# sums being [Σ exp(−2‖u_i − u_j‖²), pairs, Σ_positive ‖u_i − u_j‖², positive pairs].
+_PAIR_SUMS = 4
 
 
 def step_vector_size(dim: int) -> int:
     """Length of a step vector for embeddings of dimension ``dim`` (without the Gram)."""
     return _EMBEDDING + _SCALARS + 3 * dim
+
+
+def rank_step_size(dim: int, buckets: int = CLASS_BUCKETS) -> int:
+    """Length of a rank-step vector (:func:`rank_step_sums`) for dimension ``dim``."""
+    return dim * dim + _PAIR_SUMS + buckets * (1 + dim)
+
+
+def _finite_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, D) → float64 copy with non-finite rows zeroed (N, D), and the finite-row mask (N, 1)."""
+    z = embeddings.detach().to(torch.float64)
+    finite_rows = torch.isfinite(z).all(dim=1, keepdim=True)
+    return torch.where(finite_rows, z, 0.0), finite_rows
+
+
+def _unit(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows scaled to unit length (a zero row stays zero) and their norms (N, 1)."""
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    return z / norms.clamp_min(torch.finfo(torch.float64).tiny), norms
 
 
 def embedding_sums(embeddings: Tensor) -> Tensor:
@@ -91,17 +137,13 @@ def embedding_sums(embeddings: Tensor) -> Tensor:
     Order: N, N_finite, non-finite entry count, Σ‖z_i‖, Σ_{i,d} z_id², Σ_i z_i, Σ_i ẑ_i,
     Σ_i ẑ_i², where ẑ = z/‖z‖ and only entirely finite rows count in the sums.
     """
-    z = embeddings.detach().to(torch.float64)
-    finite = torch.isfinite(z)
-    finite_rows = finite.all(dim=1, keepdim=True)
-    z = torch.where(finite_rows, z, 0.0)
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    unit = z / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    z, finite_rows = _finite_rows(embeddings)
+    unit, norms = _unit(z)
     scalars = torch.stack(
         [
             torch.full((), z.shape[0], dtype=torch.float64, device=z.device),
             finite_rows.sum().to(torch.float64),
-            (~finite).sum().to(torch.float64),
+            (~torch.isfinite(embeddings.detach())).sum().to(torch.float64),
             norms.sum(),
             (z * z).sum(),
         ]
@@ -109,11 +151,43 @@ def embedding_sums(embeddings: Tensor) -> Tensor:
     return torch.cat([scalars, z.sum(dim=0), unit.sum(dim=0), (unit * unit).sum(dim=0)])
 
 
-def gram_matrix(embeddings: Tensor) -> Tensor:
-    """ZᵀZ over the finite rows, in float64, flattened to (D·D,)."""
-    z = embeddings.detach().to(torch.float64)
-    z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, 0.0)
-    return (z.T @ z).flatten()
+def rank_step_sums(
+    embeddings: Tensor, labels: Tensor | None, buckets: int = CLASS_BUCKETS
+) -> Tensor:
+    """(N, D) embeddings, (N,) integer labels or None → (rank_step_size(D, K),) float64 sums.
+
+    On the embeddings' device, no host sync, a fixed number of kernels (no loop over
+    classes). Finite rows only; u = z/‖z‖. Order:
+
+    * ZᵀZ (D·D), for the effective rank;
+    * Σ_{i≠j} exp(−2‖u_i − u_j‖²) and the number of ordered pairs i ≠ j (uniformity);
+    * Σ ‖u_i − u_j‖² over ordered pairs i ≠ j with equal labels, and their number
+      (alignment; NaN without labels);
+    * the class table (K, 1 + D) flattened: row k holds n_k and Σ z_i over the rows whose
+      label mod K is k (within-class variance, class count; NaN without labels).
+
+    All of it adds up across DDP ranks: the table exactly (global classes); the pair sums
+    range over the pairs *within* each rank's batch, as the loss's own pairs do.
+    """
+    z, finite_rows = _finite_rows(embeddings)
+    finite = finite_rows.to(torch.float64)
+    unit, _ = _unit(z)
+    squares = (unit * unit).sum(dim=1)
+    # ‖u_i − u_j‖² from the Gram of the unit rows: one (N, N) matmul, no pairwise loop.
+    distances = (squares[:, None] + squares[None, :] - 2 * unit @ unit.T).clamp_min(0.0)
+    pairs = finite * finite.T
+    pairs.fill_diagonal_(0.0)
+    sums = [(torch.exp(-2 * distances) * pairs).sum(), pairs.sum()]
+    if labels is None:
+        sums += [torch.full_like(sums[1], torch.nan)] * 2
+        table = z.new_full((buckets, 1 + z.shape[1]), torch.nan)
+    else:
+        labels = labels.detach().to(device=z.device, dtype=torch.int64)
+        positive = pairs * (labels[:, None] == labels[None, :])
+        sums += [(distances * positive).sum(), positive.sum()]
+        table = z.new_zeros((buckets, 1 + z.shape[1]))
+        table.index_add_(0, labels.remainder(buckets), torch.cat([finite, z], dim=1))
+    return torch.cat([(z.T @ z).flatten(), torch.stack(sums), table.flatten()])
 
 
 def step_sums(loss: Tensor, triplet: TripletStatistics | None, embedding_sums: Tensor) -> Tensor:
@@ -176,21 +250,58 @@ def effective_rank(gram: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+def _geometry(
+    rank_sums: np.ndarray, dim: int, square_sum: float, total_sum: np.ndarray, rows: float
+) -> dict[str, float]:
+    """The rank-step columns from one rank-step vector and its step's Σ‖z‖², Σz (D,), N.
+
+    tr Σ_W / tr Σ_T = (Σ‖z‖² − Σ_c ‖S_c‖²/n_c) / (Σ‖z‖² − ‖S‖²/N) (the 1/N cancels). NaN
+    rather than 0 where a value is undefined, because 0 is what a perfectly tight (or
+    collapsed) batch scores: the ratio when tr Σ_T = 0 (N < 2, or every row equal), the
+    alignment without a positive pair, the uniformity without a pair, everything
+    label-based without labels. One class gives ratio 1; all-distinct labels give 0.
+    """
+    rank_sums = np.asarray(rank_sums, dtype=np.float64)
+    uniform, pairs, aligned, positives = rank_sums[dim * dim : dim * dim + _PAIR_SUMS]
+    table = rank_sums[dim * dim + _PAIR_SUMS :].reshape(-1, 1 + dim)
+    counts, class_sums = table[:, 0], table[:, 1:]
+    labelled = not np.isnan(counts).any()
+    present = counts > 0
+    total = square_sum - (total_sum @ total_sum) / rows if rows > 0 else 0.0
+    ratio = math.nan
+    if labelled and total > _ROUNDING * square_sum:
+        between = ((class_sums[present] ** 2).sum(axis=1) / counts[present]).sum()
+        # Rounding can push Σ_W a hair outside [0, Σ_T]; mathematically it is inside.
+        ratio = float(np.clip(square_sum - between, 0.0, total) / total)
+    return {
+        "effective_rank": effective_rank(rank_sums[: dim * dim].reshape(dim, dim)),
+        "num_classes": float(present.sum()) if labelled else math.nan,
+        "within_class_variance_ratio": ratio,
+        "alignment": aligned / positives if positives > 0 else math.nan,
+        "uniformity": math.log(uniform / pairs) if pairs > 0 else math.nan,
+    }
+
+
 def derive_metrics(
     steps: np.ndarray,
     times: np.ndarray,
     vectors: np.ndarray,
     *,
     dim: int,
-    margin: float,
+    margin: float | None,
+    plateau: float | None = None,
     world_size: int = 1,
-    grams: dict[int, np.ndarray] | None = None,
+    rank_sums: dict[int, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Recorded columns from S step vectors (S, step_vector_size(dim)), summed over ranks.
 
-    ``grams`` maps a row index to its (D·D,) Gram sum, for the steps that measured the rank;
-    the other rows get NaN. Returns one (S,) array per name in ``METRIC_COLUMNS``.
+    ``rank_sums`` maps a row index to its rank-step vector (:func:`rank_step_sums`, summed
+    over ranks), for the steps that measured the geometry; the other rows get NaN in those
+    columns. ``plateau`` (the loss at zero distances) defaults to the margin.
+    Without a margin the columns that depend on it (``MARGIN_RELATIVE``) are NaN. Returns
+    one (S,) array per name in ``METRIC_COLUMNS``.
     """
+    plateau = margin if plateau is None else plateau
     vectors = np.asarray(vectors, dtype=np.float64).reshape(len(steps), -1)
     loss = vectors[:, 0] / world_size
     triplet = ratios_of(torch.from_numpy(vectors[:, _TRIPLET])).numpy()
@@ -210,19 +321,21 @@ def derive_metrics(
         )
         unit_variance = np.where(spread, (unit_square_sums - unit_sums**2 / n) / (n - 1), 0.0)
         norm_mean = np.where(finite_rows > 0, norm_sum / finite_rows, 0.0)
-    ranks = np.full(len(steps), np.nan)
-    for row, gram in (grams or {}).items():
-        ranks[row] = effective_rank(np.asarray(gram).reshape(dim, dim))
+    geometry = {name: np.full(len(steps), np.nan) for name in _RANK_STEP_COLUMNS}
+    for row, payload in (rank_sums or {}).items():
+        values = _geometry(payload, dim, square_sum[row], sums[row], finite_rows[row])
+        for name, value in values.items():
+            geometry[name][row] = value
     columns = {
         "step": np.asarray(steps, dtype=np.int64),
         "time": np.asarray(times, dtype=np.float64),
         "loss": loss,
-        "margin": np.full(len(steps), margin),
-        "loss_margin_ratio": loss / margin,
+        "margin": np.full(len(steps), np.nan if margin is None else margin),
+        "loss_margin_ratio": loss / (np.nan if plateau is None else plateau),
         "embedding_variance": np.maximum(variance, 0.0),
         "embedding_norm_mean": norm_mean,
         "std_of_l2_normalized": np.sqrt(np.maximum(unit_variance, 0.0)).mean(axis=1),
-        "effective_rank": ranks,
+        **geometry,
         "nonfinite_count": nonfinite.astype(np.int64),
         "embedding_dim": np.full(len(steps), dim, dtype=np.int64),
         "batch_size": rows.astype(np.int64),
@@ -230,8 +343,18 @@ def derive_metrics(
     }
     for index, name in enumerate(STATISTIC_RATIOS):
         if name in METRIC_COLUMNS:
-            columns[name] = triplet[:, index]
+            unknown = margin is None and name in MARGIN_RELATIVE
+            columns[name] = np.full(len(steps), np.nan) if unknown else triplet[:, index]
     return {name: columns[name] for name in METRIC_COLUMNS}
+
+
+_RANK_STEP_COLUMNS = (
+    "effective_rank",
+    "num_classes",
+    "within_class_variance_ratio",
+    "alignment",
+    "uniformity",
+)
 
 
 def healthy_std_of_l2_normalized(dim: int) -> float:

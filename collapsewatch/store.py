@@ -160,21 +160,31 @@ class RunWriter:
     """Creates a run file and appends to it. Nothing is durable until :meth:`commit`.
 
     Args:
-        path: the ``.cwrun`` file to create; it must not exist.
+        path: the ``.cwrun`` file to create; it must not exist unless ``resume``.
         metadata: JSON-serialisable run metadata (config, model and loss class, margin, …).
+        resume: append to the existing run at ``path`` (its metadata updated, its rows kept).
     """
 
-    def __init__(self, path: str | Path, metadata: Mapping[str, Any]) -> None:
+    def __init__(
+        self, path: str | Path, metadata: Mapping[str, Any], *, resume: bool = False
+    ) -> None:
         self.path = Path(path)
         if self.path.suffix != RUN_SUFFIX:
             raise ValueError(f"a run file must end in {RUN_SUFFIX}, got {str(self.path)!r}")
+        if resume:
+            # Opening it read-only first checks that it is a collapsewatch run.
+            with RunReader(self.path) as reader:
+                columns = reader.metric_columns()
+                resumed = reader.metadata().get("resumed", [])
+            self._db = self._connect()
+            self._columns = columns
+            self.set_metadata({**metadata, "status": "running", "resumed": [*resumed, time.time()]})
+            self.commit()
+            return
         if self.path.exists():
             raise FileExistsError(f"run file {str(self.path)!r} already exists")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are ours, so a batch of steps is one commit.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = self._connect()
         # Marker, schema and metadata in one transaction: no reader sees a half-made run.
         self._db.executescript(
             f"BEGIN; PRAGMA application_id={APPLICATION_ID}; "
@@ -189,6 +199,13 @@ class RunWriter:
         }
         self.set_metadata({**base, **metadata})
         self.commit()
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are ours, so a batch of steps is one commit.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     def set_metadata(self, values: Mapping[str, Any]) -> None:
         """Insert or replace metadata keys."""
@@ -448,7 +465,8 @@ class RunReader:
             path=self.path,
             name=self.name,
             status=str(meta.get("status", "unknown")),
-            state=states[0][0] if states else "healthy",
+            # A run that never recorded a step has not been judged: "empty", not "healthy".
+            state=states[0][0] if states else ("healthy" if count else "empty"),
             num_steps=int(count),
             last_step=last_step,
             last_time=last_time,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import numbers
 import os
 import queue
 import secrets
@@ -41,11 +42,16 @@ from collapsewatch._version import __version__
 from collapsewatch.adapters import (
     DistanceSpec,
     LossCall,
+    MarginSpec,
+    default_embedding,
+    default_loss_value,
     find_distance,
+    find_labels,
     find_margin,
+    loss_family,
     parse_loss_call,
 )
-from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig
+from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
@@ -53,11 +59,22 @@ from collapsewatch.statistics import (
     derive_metrics,
     embedding_sums,
     explicit_triplet_statistics,
-    gram_matrix,
+    rank_step_sums,
     step_sums,
     step_vector_size,
 )
-from collapsewatch.store import Event, RunWriter, check_run_name, run_path
+from collapsewatch.store import (
+    Event,
+    RunFileError,
+    RunReader,
+    RunSummary,
+    RunWriter,
+    Snapshot,
+    check_run_name,
+    load_run,
+    run_path,
+)
+from collapsewatch.trackers import Sink, SinkError, feed, make_sinks
 
 OnCollapse = Literal["warn", "raise", "ignore"] | Callable[[Event], Any]
 
@@ -72,16 +89,6 @@ class CollapseError(RuntimeError):
 
 class CollapseWarning(UserWarning):
     """Emitted once per collapse onset by ``watch(..., on_collapse="warn")``."""
-
-
-def _default_embedding(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    raise TypeError(
-        f"the model returned a {type(output).__name__}, not a tensor; tell watch() which "
-        "tensor holds the embeddings, e.g. watch(..., embedding=lambda out: out[0]) or "
-        "embedding=lambda out: out['embedding']"
-    )
 
 
 @dataclass
@@ -149,26 +156,35 @@ class Watcher:
     loss_fn: torch.nn.Module
     logdir: Path
     name: str
-    margin: float
+    margin_spec: MarginSpec
     distance: DistanceSpec
     every: int
     rank_every: int
     snapshot_every: int
     snapshot_size: int
     embedding: Callable[[Any], Tensor]
+    loss_value: Callable[[Any], Any]
     commit_every: int
     commit_interval: float
     on_collapse: OnCollapse
     detector: CollapseDetector
     config: Mapping[str, Any] = field(default_factory=dict)
+    sinks: list[Sink] = field(default_factory=list)  # log_to= (see collapsewatch.trackers)
     step: int = 0  # loss calls seen so far: the next step's number
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self.rank, self.world_size = _distributed()
         self.path = run_path(self.logdir, self.name)
+        self.margin = self.margin_spec.margin
         self.closed = False
         self._current: _Record | None = None
-        self._captured: list[Tensor] = []
+        self._captured: list[Tensor] = []  # model outputs since the last loss call
+        # Model outputs produced while the loss runs (losses that embed their own inputs,
+        # like sentence-transformers'): they belong to that call's step.
+        self._inside: list[Tensor] = []
+        self._in_loss = False
+        self._deferred: int | None = None  # a recorded step waiting for the loss to finish
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
@@ -181,13 +197,22 @@ class Watcher:
         self._original_statistics = self.loss_fn.statistics if self._bundled else None
         self._writer: RunWriter | None = None
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        # The last row written to the run (rank 0), for integrations that report it.
+        self.latest_metrics: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
         if self.rank == 0:
-            self._writer = RunWriter(self.path, self._metadata())
+            if self.resume:
+                self._replay_existing()
+            self._writer = RunWriter(self.path, self._metadata(), resume=self.resume)
             self._thread = threading.Thread(
                 target=self._write_loop, name=f"collapsewatch-{self.name}", daemon=True
             )
             self._thread.start()
+        if self.world_size > 1:
+            # Ranks must agree on which calls are recorded steps (one collective each).
+            shared = [self.step]
+            dist.broadcast_object_list(shared, src=0)
+            self.step = shared[0]
         self._handles = [
             self.model.register_forward_hook(self._model_hook),
             self.loss_fn.register_forward_pre_hook(self._loss_pre_hook, with_kwargs=True),
@@ -197,7 +222,17 @@ class Watcher:
 
     # ----------------------------------------------------------------------------- hooks
     def _model_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if torch.is_grad_enabled() and self.step % self.every == 0:
+        if not torch.is_grad_enabled():
+            return
+        if self._in_loss:
+            if self._deferred is None:
+                return
+            into = self._inside
+        elif self.step % self.every == 0:
+            into = self._captured
+        else:
+            return
+        try:
             embeddings = self.embedding(output)
             if not (isinstance(embeddings, Tensor) and embeddings.dim() == 2):
                 shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else None
@@ -206,16 +241,29 @@ class Watcher:
                     f"{type(embeddings).__name__} of shape {shape}; pass embedding= to pick "
                     "or reshape them"
                 )
-            self._captured.append(embeddings)
+        except Exception as error:  # a monitor must not break the user's forward pass
+            self._warn_once(
+                "embedding",
+                f"watch(): cannot read embeddings from {type(module).__name__}'s output: "
+                f"{error} Embedding statistics come only from the loss's inputs, where it is "
+                "called as (embeddings, labels) or (anchor, positive, negative).",
+            )
+            return
+        into.append(embeddings)
 
     def _loss_pre_hook(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         if not torch.is_grad_enabled():
             return
         self._act_on_events()
+        if self._in_loss:
+            # The previous call raised before its forward hook ran: what the model produced
+            # since then was produced outside any loss call.
+            self._captured += self._inside
         step, captured = self.step, self._captured
         self.step += 1
-        self._captured = []
-        self._current = None
+        self._captured, self._inside = [], []
+        self._current, self._deferred = None, None
+        self._in_loss = True
         if step % self.every:
             if self._bundled:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
@@ -223,17 +271,36 @@ class Watcher:
             return
         if self._bundled:
             module.statistics = True
+        call = parse_loss_call(args, kwargs)
+        if call is None:
+            # Unrecognised arguments: maybe the loss runs the model itself. Decide after it
+            # ran, with whatever the model produced during the call.
+            self._deferred = step
+            self._captured = captured
+            return
         with torch.no_grad():
-            self._current = self._start_record(step, parse_loss_call(args, kwargs), captured)
+            self._current = self._start_record(step, call, captured)
 
     def _loss_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        record = self._current
-        if record is None or not torch.is_grad_enabled():
+        self._in_loss = False
+        if not torch.is_grad_enabled():
             return
-        self._current = None
+        record, self._current = self._current, None
+        if self._deferred is not None:
+            embeddings = self._inside or self._captured
+            step, self._deferred = self._deferred, None
+            self._inside, self._captured = [], []
+            call = None
+            if embeddings:
+                rows = embeddings[0] if len(embeddings) == 1 else torch.cat(embeddings)
+                labels = find_labels(args, kwargs, rows.shape[0])
+                call = LossCall(embeddings=rows, labels=labels) if labels is not None else None
+            with torch.no_grad():
+                record = self._start_record(step, call, embeddings)
+        if record is None:
+            return
         with torch.no_grad():
-            if isinstance(output, Tensor):
-                record.loss = output.detach()
+            record.loss = self._read_loss(output)
             record.triplet = self._triplet_statistics(record.call)
             record.call = None  # do not keep the loss's inputs (and their graph) alive
             if self.world_size > 1:
@@ -244,6 +311,26 @@ class Watcher:
                 work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, async_op=True)
                 record.reduced = (payload, work)
         self._maybe_flush()
+
+    def _read_loss(self, output: Any) -> Tensor | None:
+        try:
+            value = self.loss_value(output)
+        except Exception as error:  # a bad picker must not break the training step
+            value, reason = None, f"loss_value raised {error!r}"
+        else:
+            reason = f"its output is a {type(output).__name__}"
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = torch.tensor(float(value), dtype=torch.float64)
+        if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+            return value.detach()
+        self._warn_once(
+            "loss_value",
+            f"watch(): cannot read a loss value from {type(self.loss_fn).__name__} ({reason}); "
+            "the loss column stays NaN and the detector judges contraction and dimensional "
+            "collapse from the embeddings alone. Pass watch(..., loss_value=lambda out: ...) "
+            "to pick the scalar loss.",
+        )
+        return None
 
     # ----------------------------------------------------------------------- per step
     def _start_record(
@@ -275,21 +362,19 @@ class Watcher:
                 f"watch(): cannot read the arguments of {type(self.loss_fn).__name__}; "
                 "recording embedding statistics only (no triplet difficulty)",
             )
-        gram = None
+        labels = call.labels if call is not None else None
+        if labels is not None and labels.shape[0] != embeddings.shape[0]:
+            labels = None  # rows the labels do not describe (e.g. several model calls)
+        gram = None  # on rank steps: the Gram and the label-aware geometry sums
         if self._due(step, self._last_rank_step, self.rank_every):
             self._last_rank_step = step
-            gram = gram_matrix(embeddings)
+            gram = rank_step_sums(embeddings, labels)
         snapshot = None
         if self.rank == 0 and self._due(step, self._last_snapshot_step, self.snapshot_every):
             self._last_snapshot_step = step
             # A copy: the writer reads it later, after the loop may have reused the memory.
             rows = embeddings[: self.snapshot_size].detach().float().clone()
-            labels = call.labels if call is not None else None
-            if labels is not None and labels.shape[0] == embeddings.shape[0]:
-                labels = labels[: self.snapshot_size].clone()
-            else:
-                labels = None
-            snapshot = (rows, labels)
+            snapshot = (rows, None if labels is None else labels[: self.snapshot_size].clone())
         record = _Record(step, time.time(), call, embedding_sums(embeddings), gram, snapshot)
         self._records.append(record)
         return record
@@ -299,15 +384,18 @@ class Watcher:
             return self.loss_fn.last_stats
         if call is None:
             return None
+        # Without a margin any m will do: derive_metrics keeps only the columns that do not
+        # depend on it (frac_hard, hardest-pair means, distances).
+        margin = 1.0 if self.margin is None else self.margin
         if call.is_labelled:
             embeddings = call.embeddings
             if self.distance.normalize:
                 embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
             return triplet_statistics(
-                embeddings, call.labels, self.margin, distance=self.distance.distance
+                embeddings, call.labels, margin, distance=self.distance.distance
             )
         return explicit_triplet_statistics(
-            call.anchor, call.positive, call.negative, self.margin, self.distance.distance
+            call.anchor, call.positive, call.negative, margin, self.distance.distance
         )
 
     @staticmethod
@@ -321,8 +409,14 @@ class Watcher:
         ):
             self.flush()
 
-    def flush(self) -> None:
-        """Send the recorded steps to the writer now (non-blocking on the device)."""
+    def flush(self, wait: bool = False) -> None:
+        """Send the recorded steps to the writer now (non-blocking on the device); with
+        ``wait``, return once they are written (``latest_metrics`` and ``state`` include them)."""
+        if wait:
+            self.flush()
+            if not self.closed:  # once closed, the writer has written everything
+                self._queue.join()
+            return
         records, self._records = self._records, []
         self._last_flush = time.monotonic()
         if not records:
@@ -369,6 +463,8 @@ class Watcher:
                 self._write(batch)
             except BaseException as error:  # never let a write failure kill training
                 self._writer_errors.append(error)
+            finally:
+                self._queue.task_done()  # for flush(wait=True)
 
     def _write(self, batch: _Batch) -> None:
         if batch.ready is not None:
@@ -382,8 +478,9 @@ class Watcher:
             batch.vectors.numpy(),
             dim=self._dim,
             margin=self.margin,
+            plateau=self.margin_spec.plateau,
             world_size=self.world_size,
-            grams={i: g.numpy() for i, g in batch.grams.items()},
+            rank_sums={i: g.numpy() for i, g in batch.grams.items()},
         )
         frame = pd.DataFrame(columns)
         events: list[Event] = []
@@ -400,12 +497,28 @@ class Watcher:
             )
         self._writer.set_metadata({"embedding_dim": self._dim, "state": self.detector.state})
         self._writer.commit()
+        self.latest_metrics = frame.iloc[-1].to_dict()
+        if self.sinks:
+            snapshots = [
+                Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
+                for i, (rows, labels) in batch.snapshots.items()
+            ]
+            for sink in self.sinks:
+                try:
+                    feed(sink, frame, events, snapshots)
+                except Exception as error:  # a tracker must never stop the run file
+                    self._writer_errors.append(SinkError(sink.kind, error))
 
     # --------------------------------------------------------------------- actions
     def _act_on_events(self, closing: bool = False) -> None:
         while self._writer_errors:
             error = self._writer_errors.popleft()
-            self._warn_once("writer", f"watch(): writing run {str(self.path)!r} failed: {error!r}")
+            if isinstance(error, SinkError):
+                self._warn_once(f"log_to {error.kind}", f"watch(): {error}")
+            else:
+                self._warn_once(
+                    "writer", f"watch(): writing run {str(self.path)!r} failed: {error!r}"
+                )
         while self._actions:
             event = self._actions.popleft()
             action = self.on_collapse
@@ -428,11 +541,24 @@ class Watcher:
             warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------ life cycle
+    def _replay_existing(self) -> None:
+        """Resume: feed the stored steps to the detector (as ``analyze`` would) and number
+        the new steps after them."""
+        run = load_run(self.path)
+        self.detector.replay(run.metrics)
+        if self.detector.last_step is not None:
+            self.step = self.detector.last_step + 1
+        dim = run.metadata.get("embedding_dim")
+        self._dim = int(dim) if dim is not None else None
+
     def _metadata(self) -> dict[str, Any]:
         return {
             "margin": self.margin,
-            "model_class": type(self.model).__name__,
+            "plateau": self.margin_spec.plateau,
+            "margin_source": self.margin_spec.source,
+            "model_class": type(unwrap_model(self.model)).__name__,
             "loss_class": type(self.loss_fn).__name__,
+            "loss_family": loss_family(self.loss_fn),
             "distance": self.distance.distance,
             "world_size": self.world_size,
             "torch_version": torch.__version__,
@@ -441,6 +567,7 @@ class Watcher:
             "every": self.every,
             "rank_every": self.rank_every,
             "detector": dataclasses.asdict(self.detector.config),
+            "log_to": [sink.kind for sink in self.sinks],
         }
 
     def close(self, status: str = "finished") -> None:
@@ -458,6 +585,11 @@ class Watcher:
             self._thread.join()
             assert self._writer is not None
             self._writer.close(status)
+            for sink in self.sinks:
+                try:
+                    sink.close()  # flushes only: the writer or run passed to log_to is the user's
+                except Exception as error:
+                    self._writer_errors.append(SinkError(sink.kind, error))
         self._act_on_events(closing=True)
         _OPEN_WATCHERS.discard(self)
 
@@ -471,6 +603,18 @@ class Watcher:
     def state(self) -> str:
         """The detector's state as of the last steps written (rank 0)."""
         return self.detector.state
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside ``torch.compile`` (``_orig_mod``) and DDP/DataParallel
+    (``module``) wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 _LIBRARY_DIRS = tuple(
@@ -536,6 +680,34 @@ def _shutdown() -> None:
         dashboard.process.terminate()
 
 
+def _claim_run_name(path: Path, resume: bool) -> bool:
+    """Whether to resume ``path``: True if it exists and ``resume``; an existing run that
+    never recorded a step and is not running is removed; any other existing run raises."""
+    if not path.exists():
+        return False
+    if resume:
+        return True
+    summary = _summary_or_none(path)
+    if summary is not None and summary.num_steps == 0 and summary.status != "running":
+        for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+        return False
+    what = "" if summary is None else f" ({summary.num_steps} steps, {summary.status})"
+    raise FileExistsError(
+        f"run {path.stem!r} already exists in {str(path.parent)!r}{what}; continue it with "
+        "watch(..., resume=True), pick another name, or leave run= out for a unique "
+        "timestamped one"
+    )
+
+
+def _summary_or_none(path: Path) -> RunSummary | None:
+    try:
+        with RunReader(path) as reader:
+            return reader.summary()
+    except RunFileError:
+        return None
+
+
 def watch(
     model: torch.nn.Module,
     loss_fn: torch.nn.Module,
@@ -548,6 +720,8 @@ def watch(
     snapshot_every: int = 100,
     snapshot_size: int = 256,
     embedding: Callable[[Any], Tensor] | None = None,
+    loss_value: Callable[[Any], Any] | None = None,
+    resume: bool = False,
     config: Mapping[str, Any] | None = None,
     distance: Distance | None = None,
     commit_every: int = 50,
@@ -555,6 +729,7 @@ def watch(
     on_collapse: OnCollapse = "warn",
     detector: DetectorConfig | None = None,
     dashboard: bool | int = False,
+    log_to: Any = None,
 ) -> Watcher:
     """Attach collapse monitoring to ``model`` and ``loss_fn``; returns the :class:`Watcher`.
 
@@ -571,13 +746,23 @@ def watch(
             ``(anchor, positive, negative)``.
         logdir: directory of run files (created if missing; keep it on a local disk).
         run: the run's name (letters, digits, ``._-``); default a timestamped unique name.
-        margin: the loss's margin; read from ``loss_fn.margin`` when omitted.
+            A run of that name that recorded no step (it failed before its first one) is
+            replaced; one with steps is an error unless ``resume``.
+        margin: the loss's margin; read from the loss (``margin``, ``triplet_margin``, PML's
+            ``neg_margin``) when omitted. A loss without one (NTXent, InfoNCE) is watched
+            margin-free: no plateau rule, margin-relative fractions NaN, contraction judged
+            against the run's own peak.
         every: record every k-th step.
         rank_every: measure the effective rank at most every k steps (NaN in between; 0 never).
         snapshot_every: store an embedding sample at most every k steps (0: never).
         snapshot_size: rows per embedding sample.
-        embedding: picks the (N, D) embedding tensor out of the model's output when that is
-            a tuple, dict or dataclass.
+        embedding: picks the (N, D) embedding tensor out of the model's output; by default
+            the tensor itself, a dict's ``"sentence_embedding"``/``"embeddings"``/
+            ``"embedding"``, or a tuple of (N, D) tensors concatenated.
+        loss_value: picks the scalar loss out of the loss's output; by default the tensor
+            itself, the first tensor of a tuple/list, or a dict's ``"loss"``.
+        resume: continue run ``run`` if it exists: its steps are replayed through the
+            detector and new steps are numbered after them.
         config: free-form JSON-serialisable dict saved with the run.
         distance: the distance to compute a foreign loss's statistics under; found from the
             loss when omitted (Euclidean by default).
@@ -590,6 +775,10 @@ def watch(
         detector: thresholds of the collapse detector.
         dashboard: True (port 8050) or a port: serve this logdir's dashboard from a child
             process and print its URL.
+        log_to: also send the metrics (as ``collapsewatch/<column>``, NaN left out), events
+            and snapshots to a ``SummaryWriter``, a W&B run, an MLflow run (or the ``mlflow``
+            module), a callable ``(metrics, step)``, or a list of these; written from the
+            background thread after each commit. See docs/trackers.md.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -614,15 +803,23 @@ def watch(
         raise ValueError(
             f"on_collapse must be 'warn', 'raise', 'ignore' or a callable, got {on_collapse!r}"
         )
-    margin = find_margin(loss_fn, margin)
+    sinks = make_sinks(log_to)
+    margin_spec = find_margin(loss_fn, margin)
+    if margin_spec.plateau is None:
+        warnings.warn(
+            f"watch(): {type(loss_fn).__name__} has no margin (looked for margin, "
+            "triplet_margin, neg_margin): the plateau rule and the margin-relative columns "
+            "(loss_margin_ratio, frac_easy, frac_semihard, frac_positive_loss) are off (NaN); "
+            "collapse is judged from the contraction of the embeddings against the run's own "
+            "peak. Pass margin= if the loss has one under another name.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     distance_spec = find_distance(loss_fn, distance)
     rank, world_size = _distributed()
     name = check_run_name(run) if run is not None else _default_run_name(loss_fn)
-    if rank == 0 and run_path(logdir, name).exists():
-        raise FileExistsError(
-            f"run {name!r} already exists in {str(logdir)!r}; pick another name, or leave "
-            "run= out for a unique timestamped one"
-        )
+    if rank == 0:
+        resume = _claim_run_name(run_path(logdir, name), resume)
     if world_size > 1:
         # Every rank must report the same run path; rank 0's name wins.
         shared = [name]
@@ -633,18 +830,23 @@ def watch(
         loss_fn=loss_fn,
         logdir=Path(logdir),
         name=name,
-        margin=margin,
+        margin_spec=margin_spec,
         distance=distance_spec,
         every=every,
         rank_every=rank_every,
         snapshot_every=snapshot_every,
         snapshot_size=snapshot_size,
-        embedding=embedding or _default_embedding,
+        embedding=embedding or default_embedding,
+        loss_value=loss_value or default_loss_value,
+        resume=resume,
         commit_every=commit_every,
         commit_interval=float(commit_interval),
         on_collapse=on_collapse,
-        detector=CollapseDetector(detector or DetectorConfig()),
+        detector=CollapseDetector(
+            detector or DetectorConfig(), advice=collapse_advice(loss_family(loss_fn))
+        ),
         config=dict(config or {}),
+        sinks=sinks,
     )
     if dashboard and rank == 0:
         _start_dashboard(Path(logdir), 8050 if dashboard is True else int(dashboard))

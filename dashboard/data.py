@@ -38,7 +38,7 @@ from .projection import Basis, Projection, fit_basis, fit_steps, project_pca, pr
 # Longest run id accepted from the browser; real ones are far shorter.
 MAX_RUN_ID_LENGTH = 1024
 
-UI_STATES = ("healthy", "warning", "collapsed", "recovered", "error")
+UI_STATES = ("healthy", "warning", "collapsed", "recovered", "empty", "error")
 
 
 class InvalidRunIdError(ValueError):
@@ -144,7 +144,8 @@ class RunEntry:
 
     @property
     def ui_state(self) -> str:
-        """healthy / warning / collapsed / recovered (healthy again after a collapse) / error."""
+        """healthy / warning / collapsed / recovered (healthy again after a collapse) / empty
+        (no step recorded yet) / error."""
         if self.summary is None:
             return "error"
         state = self.summary.state

@@ -48,6 +48,7 @@ STATE_COLOURS = {
     "warning": OKABE_ITO["orange"],
     "collapsed": OKABE_ITO["vermillion"],
     "recovered": OKABE_ITO["blue"],
+    "empty": "#9aa5b1",
     "error": "#52606d",
 }
 # Embedding classes: Okabe–Ito, then Paul Tol's muted scheme; shapes repeat the cue.

@@ -41,6 +41,7 @@ STATE_SYMBOLS = {
     "warning": "!",
     "collapsed": "✖",
     "recovered": "↺",
+    "empty": "∅",
     "error": "⚠",
 }
 PANELS_HEIGHT = 820

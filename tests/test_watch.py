@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import collapsewatch as cw
+from collapsewatch.adapters import find_margin
 from collapsewatch.demo import DigitsEmbedder, DigitsRun, load_digits_tensors, start_run
 from collapsewatch.losses import functional
 from tests import reference
@@ -133,16 +134,47 @@ def test_any_labelled_loss_gets_difficulty_fractions_computed_by_watch(tmp_path)
     assert row.num_valid_triplets == want["num_valid_triplets"]
 
 
-def test_a_loss_without_a_margin_needs_margin(tmp_path):
+def test_a_loss_without_a_margin_is_watched_margin_free(tmp_path):
     class NoMargin(torch.nn.Module):
         def forward(self, embeddings, labels):
-            return embeddings.sum()
+            return embeddings.pow(2).sum()
 
-    with pytest.raises(ValueError, match=r"margin=0\.2"):
-        cw.watch(model(), NoMargin(), logdir=tmp_path)
-    with cw.watch(model(), NoMargin(), logdir=tmp_path, margin=0.7) as w:
+    net, loss_fn, (x, y) = model(), NoMargin(), batch(5)
+    with pytest.warns(RuntimeWarning, match="NoMargin has no margin") as caught:
+        w = cw.watch(net, loss_fn, logdir=tmp_path, run="free")
+    assert len(caught) == 1 and "0.2" not in str(caught[0].message)  # no invented margin
+    with w:
+        loss_fn(net(x), y)
+    row = cw.load_run(w.path).metrics.iloc[0]
+    assert w.margin is None and cw.load_run(w.path).metadata["margin"] is None
+    for column in ("margin", "loss_margin_ratio", "frac_easy", "frac_semihard"):
+        assert math.isnan(row[column]), column
+    with torch.no_grad():
+        z = net(x).double()
+    want = reference.statistics(z, y, 1.0, "batch_all", False, "euclidean")
+    assert row.frac_hard == pytest.approx(want["frac_hard"], rel=1e-4)  # needs no margin
+    assert row.loss == pytest.approx(z.pow(2).sum().item(), rel=1e-5)
+    with cw.watch(net, NoMargin(), logdir=tmp_path, margin=0.7) as w:
         pass
     assert w.margin == 0.7 and cw.load_run(w.path).metadata["margin"] == 0.7
+
+
+@pytest.mark.parametrize(
+    ("attributes", "margin", "plateau"),
+    [
+        ({"triplet_margin": 5.0}, 5.0, 5.0),  # sentence-transformers
+        ({"pos_margin": 0.0, "neg_margin": 1.0}, 1.0, 1.0),  # PML ContrastiveLoss
+        ({"pos_margin": 0.2, "neg_margin": 1.0}, 0.8, 1.0),
+        ({"margin": 0.3, "smooth_loss": True}, 0.3, math.log1p(math.exp(0.3))),  # PML smooth
+        ({"smooth_loss": True}, None, math.log(2)),
+    ],
+)
+def test_margin_and_plateau_are_found_under_other_names(attributes, margin, plateau):
+    loss_fn = torch.nn.Module()
+    for name, value in attributes.items():
+        setattr(loss_fn, name, value)
+    spec = find_margin(loss_fn, None)
+    assert spec.margin == margin and spec.plateau == pytest.approx(plateau)
 
 
 def test_bad_arguments(tmp_path):
@@ -156,9 +188,9 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="run name"):
         cw.watch(net, loss_fn, logdir=tmp_path, run="../outside")
     with cw.watch(net, loss_fn, logdir=tmp_path, run="taken"):
-        pass
+        loss_fn(net(batch()[0]), batch()[1])
     hooks = dict(net._forward_hooks)
-    with pytest.raises(FileExistsError, match=r"'taken' already exists .* leave run= out"):
+    with pytest.raises(FileExistsError, match=r"'taken' already exists .*resume=True.*run= out"):
         cw.watch(net, loss_fn, logdir=tmp_path, run="taken")
     assert dict(net._forward_hooks) == hooks  # nothing was attached
 
@@ -198,11 +230,19 @@ def test_embedding_picker_for_structured_outputs(tmp_path, kind):
     with cw.watch(net, loss_fn, logdir=tmp_path, run=kind, embedding=PICKERS[kind]) as w:
         loss_fn(PICKERS[kind](net(x)), y).backward()
     assert cw.load_run(w.path).metrics.iloc[0].embedding_dim == 16
-    with (
-        cw.watch(net, loss_fn, logdir=tmp_path, run=f"{kind}-unpicked"),
-        pytest.raises(TypeError, match="embedding="),
-    ):
-        net(x)
+    if kind == "dict":  # a known key ("embedding") is found without a picker
+        with cw.watch(net, loss_fn, logdir=tmp_path, run="dict-unpicked") as w:
+            loss_fn(net(x)["embedding"], y)
+        assert cw.load_run(w.path).metrics.iloc[0].embedding_dim == 16
+        return
+    # Unreadable: one warning naming the fix; training goes on, statistics come from the
+    # loss's own inputs.
+    with cw.watch(net, loss_fn, logdir=tmp_path, run=f"{kind}-unpicked") as w:
+        with pytest.warns(RuntimeWarning, match="embedding=") as caught:
+            for _ in range(2):
+                loss_fn(PICKERS[kind](net(x)), y)
+        assert len([c for c in caught if "embedding=" in str(c.message)]) == 1
+    assert list(cw.load_run(w.path).metrics["embedding_dim"]) == [16, 16]
 
 
 def test_removing_the_hooks_leaves_model_and_loss_as_they_were(tmp_path):

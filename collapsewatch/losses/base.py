@@ -21,10 +21,12 @@ class TripletLoss(torch.nn.Module):
         margin: m > 0.
         scaled: divide (d_ap − d_an) by the mean hardest negative distance (Quaterion).
         distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-        statistics: compute :class:`TripletStatistics` on every call (the default). ``watch()``
-            switches it on only for the steps it records.
-        check_finite: reject NaN/inf embeddings with a ``ValueError`` naming the rows. On a GPU
-            this reads one flag back per call; set it to False for a sync-free step.
+        statistics: compute :class:`TripletStatistics` on every call. Off by default: the
+            loss alone costs nothing extra; ``watch()`` switches it on for the steps it
+            records.
+        check_finite: reject NaN/inf embeddings with a ``ValueError`` naming the rows. Off
+            by default: on a GPU it reads one flag back per call, and ``watch()`` already
+            counts non-finite entries on the device (``nonfinite_count``).
         last_stats: the statistics of the latest call (device tensors), or None.
     """
 
@@ -36,8 +38,8 @@ class TripletLoss(torch.nn.Module):
         scaled: bool = False,
         distance: Distance = "euclidean",
         *,
-        statistics: bool = True,
-        check_finite: bool = True,
+        statistics: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         self.margin = check_margin(margin)

@@ -1,0 +1,332 @@
+"""sentence-transformers and the HF ``Trainer``: ``CollapseWatchCallback`` runs ``watch()``
+for the length of ``train()``.
+
+One line attaches it::
+
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+                                         loss=loss, callbacks=[CollapseWatchCallback()])
+
+With a ``SentenceTransformerTrainer`` the loss is ``trainer.loss`` and the model the one that
+loss embeds with; the margin (``triplet_margin``), the distance (``distance_metric``) and the
+embedding (the model's ``"sentence_embedding"``) are read from them. With the plain HF
+``Trainer`` the loss is the one submodule of ``trainer.model`` whose class name ends in
+``Loss``, unless ``loss=`` names it.
+
+At every trainer log the collapse metrics of the latest recorded step are added to the
+``logs`` as ``collapsewatch/<column>``, so they reach every ``report_to`` integration.
+``transformers`` is required (``pip install sentence-transformers``, which brings it);
+sentence-transformers itself only for its models and losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import operator
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+    from transformers.trainer_callback import CallbackHandler
+except ImportError:
+    raise ImportError(
+        "collapsewatch.integrations.sentence_transformers needs transformers: "
+        "pip install sentence-transformers (or pip install transformers for the HF Trainer)"
+    ) from None
+
+from collapsewatch.detect import COLLAPSED, HEALTHY, WARNING
+from collapsewatch.losses.distances import Distance
+from collapsewatch.store import Event
+from collapsewatch.watch import CollapseWarning, Watcher, watch
+
+PREFIX = "collapsewatch/"
+STATE_CODES = {HEALTHY: 0, WARNING: 1, COLLAPSED: 2}
+EMBEDDING_KEY = "sentence_embedding"
+
+# sentence-transformers' BatchHardTripletLossDistanceFunction (``eucledian_distance`` is the
+# old spelling, kept as an alias), by function name.
+_DISTANCES: dict[str, Distance] = {
+    "euclidean_distance": "euclidean",
+    "eucledian_distance": "euclidean",
+    "euclidean_distance_squared": "squared_euclidean",
+    "eucledian_distance_squared": "squared_euclidean",
+    "cosine_distance": "cosine",
+}
+
+
+def _is_sentence_transformers(module: torch.nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "sentence_transformers"
+
+
+def find_margin(loss: torch.nn.Module) -> tuple[float, str] | None:
+    """The loss's margin and the attribute holding it: ``triplet_margin``
+    (sentence-transformers) or ``margin``; None if it has neither.
+
+    sentence-transformers' ``BatchHardSoftMarginTripletLoss`` inherits a ``triplet_margin``
+    it never uses (its loss is softplus(d_ap − d_an)): its margin is 0, a soft margin.
+    """
+    if _is_sentence_transformers(loss) and "SoftMargin" in type(loss).__name__:
+        return 0.0, "soft margin"
+    for name in ("triplet_margin", "margin"):
+        value = getattr(loss, name, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value), name
+    return None
+
+
+def find_distance(loss: torch.nn.Module) -> Distance | None:
+    """The distance of the loss's ``distance_metric``; None if it has none.
+
+    Raises ``ValueError`` for a metric function watch() does not compute.
+    """
+    metric = getattr(loss, "distance_metric", None)
+    if metric is None:
+        return None
+    squared = False
+    if isinstance(metric, functools.partial):
+        # partial(euclidean_distance, squared=True), the way to ask for squared distances
+        squared = bool(metric.keywords.get("squared", False))
+        metric = metric.func
+    distance = _DISTANCES.get(getattr(metric, "__name__", ""))
+    if distance is None:
+        raise ValueError(
+            f"cannot tell which distance {type(loss).__name__}.distance_metric ({metric!r}) "
+            "computes; pass it: CollapseWatchCallback(distance='euclidean'), "
+            "'squared_euclidean' or 'cosine'"
+        )
+    return "squared_euclidean" if squared and distance == "euclidean" else distance
+
+
+def _calling(cls: type) -> Any:
+    """The nearest ``self`` of type ``cls`` up the call stack, or None.
+
+    Callbacks are not given their trainer; ``train()`` is on the stack whenever one is called.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class CollapseWatchCallback(TrainerCallback):
+    """Watch a (Sentence Transformer) trainer's embeddings and loss for collapse.
+
+    Args:
+        loss: the loss to watch: None for the trainer's own (``SentenceTransformerTrainer``'s
+            ``loss``, or the one ``…Loss`` submodule of the HF ``Trainer``'s model), a loss
+            module, or a name: a key of a multi-dataset loss dict, or an attribute of the
+            trainer or of its model.
+        model: the module that produces the embeddings: None for the model the loss embeds
+            with (its ``model`` or ``sentence_embedder``), else the trainer's model; a
+            module; or the name of a submodule of the trainer's model.
+        on_collapse: "stop" ends training (``control.should_training_stop``) at the first
+            collapse, with a :class:`~collapsewatch.CollapseWarning`; "warn", "raise",
+            "ignore" or a callable are passed to :func:`collapsewatch.watch`.
+        **watch_options: passed to :func:`collapsewatch.watch` (``run``, ``every``,
+            ``margin``, ``distance``, ``embedding``, …); they override what the callback
+            reads from the loss and model. ``logdir`` defaults to
+            ``<args.output_dir>/collapsewatch``.
+    """
+
+    def __init__(
+        self,
+        loss: str | torch.nn.Module | None = None,
+        *,
+        model: str | torch.nn.Module | None = None,
+        on_collapse: Any = "warn",
+        **watch_options: Any,
+    ) -> None:
+        self.loss = loss
+        self.model = model
+        self.on_collapse = on_collapse
+        self.watch_options = watch_options
+        self.watcher: Watcher | None = None
+        self.collapse: Event | None = None  # the collapse that stopped training, if any
+        self._reported_step: int | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The run file being written, once training has started."""
+        return None if self.watcher is None else self.watcher.path
+
+    # ------------------------------------------------------------------- discovery
+    def _find_loss(self, trainer: Trainer) -> torch.nn.Module:
+        own = getattr(trainer, "loss", None)
+        if isinstance(self.loss, torch.nn.Module):
+            return self.loss
+        if isinstance(self.loss, str):
+            if isinstance(own, dict) and self.loss in own:
+                return own[self.loss]
+            for owner in (trainer, trainer.model):
+                found = getattr(owner, self.loss, None)
+                if isinstance(found, torch.nn.Module):
+                    return found
+            raise ValueError(
+                f"CollapseWatchCallback: no loss module {self.loss!r} on the trainer, its "
+                "model or its loss dict; pass the loss module itself"
+            )
+        if isinstance(own, dict):
+            distinct = list({id(loss): loss for loss in own.values()}.values())
+            if len(distinct) == 1:
+                return distinct[0]
+            raise ValueError(
+                f"the trainer has one loss per dataset ({', '.join(map(repr, own))}); pick "
+                "the one to watch: CollapseWatchCallback(loss='<dataset name>')"
+            )
+        if isinstance(own, torch.nn.Module):
+            return own
+        losses = [
+            module
+            for name, module in trainer.model.named_modules()
+            if name and type(module).__name__.endswith("Loss")
+        ]
+        if len(losses) != 1:
+            found = ", ".join(type(m).__name__ for m in losses) or "none"
+            raise ValueError(
+                f"CollapseWatchCallback: cannot tell which loss {type(trainer.model).__name__} "
+                f"trains with (…Loss submodules: {found}); pass it: "
+                "CollapseWatchCallback(loss=loss_module) or loss='attribute name'"
+            )
+        return losses[0]
+
+    def _find_model(self, trainer: Trainer, loss: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(self.model, torch.nn.Module):
+            return self.model
+        if isinstance(self.model, str):
+            return trainer.model.get_submodule(self.model)
+        for name in ("model", "sentence_embedder"):
+            # sentence-transformers losses embed their inputs with the model they hold.
+            embedder = getattr(loss, name, None)
+            if isinstance(embedder, torch.nn.Module):
+                return embedder
+        return trainer.model
+
+    def _options(self, loss: torch.nn.Module, model: torch.nn.Module) -> dict[str, Any]:
+        """watch()'s margin, distance and embedding as read from the loss and model, with
+        where they came from in the run's config; explicit watch options win."""
+        found: dict[str, Any] = {}
+        margin = find_margin(loss)
+        if margin is not None:
+            found["margin"] = margin[0]
+        if "distance" not in self.watch_options:
+            distance = find_distance(loss)
+            if distance is not None:
+                found["distance"] = distance
+        key = EMBEDDING_KEY if _is_sentence_transformers(model) else None
+        if key is not None:
+            found["embedding"] = operator.itemgetter(key)
+        metric = getattr(loss, "distance_metric", None)
+        if isinstance(metric, functools.partial):
+            metric = metric.func
+        config = {
+            "integration": "sentence_transformers",
+            "margin_attribute": None if margin is None else margin[1],
+            "distance_metric": getattr(metric, "__name__", None),
+            "embedding_key": key,
+            **dict(self.watch_options.get("config") or {}),
+        }
+        return {**found, **self.watch_options, "config": config}
+
+    # ------------------------------------------------------------------- callbacks
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        trainer = _calling(Trainer)
+        handler = _calling(CallbackHandler)
+        if trainer is None or handler is None:
+            raise RuntimeError(
+                "CollapseWatchCallback runs inside a transformers Trainer: pass it to "
+                "Trainer(callbacks=[...]) or trainer.add_callback()"
+            )
+        # HF calls callbacks in list order and puts the report_to ones first: move this
+        # one ahead so that they see the metrics it adds to the logs.
+        handler.callbacks.remove(self)
+        handler.callbacks.insert(0, self)
+        loss = self._find_loss(trainer)
+        model = self._find_model(trainer, loss)
+        options = {
+            "logdir": Path(args.output_dir) / "collapsewatch",
+            **self._options(loss, model),
+            "on_collapse": self._stop if self.on_collapse == "stop" else self.on_collapse,
+        }
+        self.collapse, self._reported_step = None, None
+        self.watcher = watch(model, loss, **options)
+
+    def _stop(self, event: Event) -> None:
+        if self.collapse is None:
+            self.collapse = event
+            warnings.warn(
+                f"{event.message} Stopping training. {event.suggestion}".strip(),
+                CollapseWarning,
+                stacklevel=2,
+            )
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        if self.collapse is not None:
+            control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.watcher is None or self.watcher.closed or logs is None:
+            return
+        # The trainer has just synchronised the device to log its loss: waiting for the
+        # watcher to write the steps recorded so far costs little and makes logs current.
+        self.watcher.flush(wait=True)
+        row = self.watcher.latest_metrics
+        if row is None or row["step"] == self._reported_step:
+            return
+        self._reported_step = row["step"]
+        metrics = {
+            PREFIX + name: float(value)
+            for name, value in row.items()
+            if name not in ("step", "time") and not math.isnan(value)
+        }
+        metrics[PREFIX + "step"] = int(row["step"])
+        metrics[PREFIX + "state"] = STATE_CODES[self.watcher.state]
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            # Trainer.log stored a copy of these logs just before calling the callbacks.
+            state.log_history[-1].update(metrics)
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        if self.watcher is not None:
+            self.watcher.close("finished")

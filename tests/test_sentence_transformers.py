@@ -1,0 +1,327 @@
+"""CollapseWatchCallback end to end: a tiny random BERT as a Sentence Transformer, trained
+on sentences made from scikit-learn's digits by SentenceTransformerTrainer and by the plain
+HF Trainer, offline (a local WordPiece vocabulary; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Before transformers is imported: its hub client reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.sentence_transformer import losses, modules  # noqa: E402
+from sentence_transformers.sentence_transformer.trainer import (  # noqa: E402
+    SentenceTransformerTrainer,
+)
+from sentence_transformers.sentence_transformer.training_args import (  # noqa: E402
+    SentenceTransformerTrainingArguments,
+)
+from sklearn.datasets import load_digits  # noqa: E402
+
+import collapsewatch as cw  # noqa: E402
+from collapsewatch.integrations.sentence_transformers import (  # noqa: E402
+    CollapseWatchCallback,
+    find_distance,
+    find_margin,
+)
+
+Distances = losses.BatchHardTripletLossDistanceFunction
+
+# Batch-hard at a high learning rate pulls every sentence onto one point (loss at the
+# margin 5 from step ~50); batch-all at a lower one spreads them out.
+COLLAPSING = (losses.BatchHardTripletLoss, 5e-2)
+HEALTHY = (losses.BatchAllTripletLoss, 5e-3)
+STEPS = 120
+
+
+def _digit_sentence(pixels) -> str:
+    """One word per inked pixel: its index and whether it is dark or light."""
+    return " ".join(f"p{i}{'h' if v >= 8 else 'l'}" for i, v in enumerate(pixels) if v >= 4)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A randomly initialised one-layer BERT and its WordPiece tokenizer, saved locally."""
+    root = tmp_path_factory.mktemp("tiny-bert")
+    words = [f"p{i}{shade}" for i in range(64) for shade in "hl"]
+    (root / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    )
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    return root / "bert"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    sentences = [_digit_sentence(pixels) for pixels in data.data]
+    return datasets.Dataset.from_dict({"sentence": sentences, "label": data.target.tolist()})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sentence_model(bert_dir) -> SentenceTransformer:
+    transformer = modules.Transformer(str(bert_dir), max_seq_length=72)
+    pooling = modules.Pooling(transformer.get_embedding_dimension(), "mean")
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu")
+
+
+class Recorder(transformers.TrainerCallback):
+    """Stands for a report_to integration: keeps a copy of every log it is shown."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+class TripletModel(torch.nn.Module):
+    """How a Sentence Transformer trains under the plain HF Trainer: forward returns the loss."""
+
+    def __init__(self, encoder, loss_fn):
+        super().__init__()
+        self.encoder = encoder
+        self.loss_fn = loss_fn
+
+    def forward(self, labels, **features):
+        return {"loss": self.loss_fn([features], labels)}
+
+
+def _train(tmp_path, kind, model, loss, dataset, callbacks, steps=STEPS, lr=5e-2, **arguments):
+    """Train with SentenceTransformerTrainer ("st") or the plain HF Trainer ("hf")."""
+    options = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": steps,
+        "per_device_train_batch_size": 32,
+        "learning_rate": lr,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 10,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        **arguments,
+    }
+    if kind == "st":
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=SentenceTransformerTrainingArguments(**options),
+            train_dataset=dataset,
+            loss=loss,
+            callbacks=callbacks,
+        )
+    else:
+
+        def collate(rows):
+            features = model.tokenize([row["sentence"] for row in rows])
+            return {**features, "labels": torch.tensor([row["label"] for row in rows])}
+
+        trainer = transformers.Trainer(
+            model=TripletModel(model, loss),
+            args=transformers.TrainingArguments(remove_unused_columns=False, **options),
+            train_dataset=dataset,
+            data_collator=collate,
+            callbacks=callbacks,
+        )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["st", "hf"])
+@pytest.mark.parametrize(
+    ("configuration", "expected"), [(COLLAPSING, "collapsed"), (HEALTHY, "healthy")]
+)
+def test_verdict_and_logs(tmp_path, bert_dir, digits, kind, configuration, expected):
+    loss_class, lr = configuration
+    model = _sentence_model(bert_dir)
+    loss = loss_class(model)
+    recorder = Recorder()
+    # The recorder comes first, as the trainer's own report_to callbacks do: it must see
+    # the metrics all the same.
+    callback = CollapseWatchCallback(run="run", on_collapse="ignore")
+    trainer = _train(tmp_path, kind, model, loss, digits, [recorder, callback], lr=lr)
+
+    assert callback.path == tmp_path / "out" / "collapsewatch" / "run.cwrun"
+    run = cw.load_run(callback.path)
+    verdict = cw.analyze(callback.path)
+    assert verdict.state == expected == run.metadata["state"]
+    assert list(run.metrics["step"]) == list(range(STEPS))  # every loss call, step 0 too
+    assert run.metrics["mean_pairwise_distance"].notna().all()
+    assert run.metrics["frac_hard"].notna().all()  # labels found inside the loss call
+    # Found by the callback, not passed by the test.
+    assert run.metadata["margin"] == 5.0
+    assert run.metadata["distance"] == "euclidean"
+    assert run.metadata["loss_class"] == loss_class.__name__
+    assert run.metadata["model_class"] == "SentenceTransformer"
+    assert run.metadata["config"]["margin_attribute"] == "triplet_margin"
+    assert run.metadata["config"]["distance_metric"] == "euclidean_distance"
+    assert run.metadata["config"]["embedding_key"] == "sentence_embedding"
+    assert run.metadata["status"] == "finished"
+
+    logged = [log for log in recorder.logs if "collapsewatch/step" in log]
+    assert len(logged) == STEPS // 10  # every training log (logging_steps=10)
+    metrics = run.metrics.set_index("step")
+    for log in logged:
+        row = metrics.loc[log["collapsewatch/step"]]
+        assert log["collapsewatch/mean_pairwise_distance"] == pytest.approx(
+            row["mean_pairwise_distance"]
+        )
+        assert log["collapsewatch/loss"] == pytest.approx(row["loss"])
+    # Each log reports the last step recorded before it: the logs are current.
+    assert logged[-1]["collapsewatch/step"] == STEPS - 1
+    assert logged[-1]["collapsewatch/state"] == {"collapsed": 2, "healthy": 0}[expected]
+    history = [h for h in trainer.state.log_history if "collapsewatch/state" in h]
+    assert history[-1]["collapsewatch/state"] == logged[-1]["collapsewatch/state"]
+    if expected == "collapsed":
+        assert 30 <= verdict.onset_step <= 90
+    else:
+        # Not vacuous: the embeddings spread out, so they had a spread to lose.
+        distances = run.metrics["mean_pairwise_distance"]
+        assert verdict.events == () and distances.max() > 2 * distances.iloc[0]
+
+
+class BundledBatchHard(torch.nn.Module):
+    """losses.BatchHardTripletLoss's objective, computed by collapsewatch's own loss from the
+    embeddings (the call watch() has always understood)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.triplet = cw.losses.BatchHardTripletLoss(margin=5.0)
+
+    def forward(self, sentence_features, labels):
+        return self.triplet(self.model(sentence_features[0])["sentence_embedding"], labels)
+
+
+def test_onset_matches_the_bundled_loss(tmp_path, bert_dir, digits):
+    onsets = []
+    for name, make_loss in [
+        ("st", losses.BatchHardTripletLoss),
+        ("bundled", BundledBatchHard),
+    ]:
+        model = _sentence_model(bert_dir)
+        loss = make_loss(model)
+        watched = loss.triplet if name == "bundled" else None
+        callback = CollapseWatchCallback(watched, run=name, on_collapse="ignore")
+        _train(tmp_path / name, "st", model, loss, digits, [callback])
+        onsets.append(cw.analyze(callback.path).onset_step)
+    assert None not in onsets and abs(onsets[0] - onsets[1]) <= 10, onsets
+
+
+def test_on_collapse_stop_ends_training_and_reports_to_tensorboard(tmp_path, bert_dir, digits):
+    tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    model = _sentence_model(bert_dir)
+    callback = CollapseWatchCallback(run="stop", on_collapse="stop")
+    with pytest.warns(cw.CollapseWarning, match="Stopping training"):
+        trainer = _train(
+            tmp_path,
+            "st",
+            model,
+            losses.BatchHardTripletLoss(model),
+            digits,
+            [callback],
+            steps=400,
+            report_to=["tensorboard"],
+        )
+    onset = cw.analyze(callback.path).onset_step
+    assert callback.collapse is not None and callback.collapse.step == onset
+    # Acted on at the first log after the onset (logging_steps=10), then one more step.
+    assert onset < trainer.state.global_step <= onset + 12
+    (events,) = (tmp_path / "out").rglob("events.out.tfevents.*")
+    scalars = tensorboard.EventAccumulator(str(events)).Reload()
+    # TensorBoardCallback comes before ours in the trainer's list, yet got the metrics.
+    assert {"train/collapsewatch/mean_pairwise_distance", "train/collapsewatch/state"} <= set(
+        scalars.Tags()["scalars"]
+    )
+    assert scalars.Scalars("train/collapsewatch/state")[-1].value == 2
+
+
+def test_found_margin_and_distance():
+    model = torch.nn.Linear(2, 2)  # never called: the losses only store it
+    assert find_distance(losses.BatchHardTripletLoss(model)) == "euclidean"
+    for metric, expected in [
+        (Distances.eucledian_distance, "euclidean"),
+        (Distances.cosine_distance, "cosine"),
+        (functools.partial(Distances.euclidean_distance, squared=True), "squared_euclidean"),
+    ]:
+        assert find_distance(losses.BatchAllTripletLoss(model, distance_metric=metric)) == expected
+    with pytest.raises(ValueError, match="CollapseWatchCallback\\(distance="):
+        find_distance(losses.BatchHardTripletLoss(model, distance_metric=lambda e: e @ e.T))
+    assert find_distance(torch.nn.MSELoss()) is None
+    assert find_margin(losses.BatchHardTripletLoss(model, margin=0.3)) == (0.3, "triplet_margin")
+    assert find_margin(losses.BatchSemiHardTripletLoss(model, margin=2)) == (2.0, "margin")
+    # It inherits triplet_margin=5 but computes softplus(d_ap − d_an): a margin of 0.
+    assert find_margin(losses.BatchHardSoftMarginTripletLoss(model)) == (0.0, "soft margin")
+    assert find_margin(torch.nn.MSELoss()) is None
+
+
+def test_which_loss_to_watch(tmp_path, bert_dir, digits):
+    small = digits.select(range(128))
+    # Two Dataset objects: sentence-transformers tags each with its name in place.
+    dataset = datasets.DatasetDict({"hard": small, "all": digits.select(range(128, 256))})
+    model = _sentence_model(bert_dir)
+    loss = {"hard": losses.BatchHardTripletLoss(model), "all": losses.BatchAllTripletLoss(model)}
+    with pytest.raises(ValueError, match=r"one loss per dataset .*loss='<dataset name>'"):
+        _train(tmp_path / "a", "st", model, loss, dataset, [CollapseWatchCallback()], steps=2)
+    calls = {"hard": 0, "all": 0}
+    for name, module in loss.items():
+        module.register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    callback = CollapseWatchCallback("all", run="all")
+    _train(
+        tmp_path / "b",
+        "st",
+        model,
+        loss,
+        dataset,
+        [callback],
+        steps=6,
+        multi_dataset_batch_sampler="round_robin",
+    )
+    run = cw.load_run(callback.path)
+    assert run.metadata["loss_class"] == "BatchAllTripletLoss"
+    # Only the batches of the "all" dataset are its steps.
+    assert calls["hard"] > 0 and len(run.metrics) == calls["all"] > 0
+
+    class TwoLosses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hard, self.all = loss["hard"], loss["all"]
+
+    with pytest.raises(ValueError, match="cannot tell which loss TwoLosses trains with"):
+        transformers.Trainer(
+            model=TwoLosses(),
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path / "c"), max_steps=1, use_cpu=True, report_to="none"
+            ),
+            train_dataset=small,
+            callbacks=[CollapseWatchCallback()],
+        ).train()

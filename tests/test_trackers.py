@@ -51,7 +51,15 @@ def tracked(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # Offline and local only: no network, no login, nothing outside tmp.
         patch.setenv("WANDB_MODE", "offline")
-        patch.setenv("WANDB_DIR", str(root))
+        # wandb-core puts its own debug logs under XDG_CACHE_HOME.
+        for variable in (
+            "WANDB_DIR",
+            "WANDB_CACHE_DIR",
+            "WANDB_CONFIG_DIR",
+            "WANDB_DATA_DIR",
+            "XDG_CACHE_HOME",
+        ):
+            patch.setenv(variable, str(root))
         patch.setenv("WANDB_SILENT", "true")
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         writer = SummaryWriter(root / "tensorboard")

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from collapsewatch.store import Event, Run, load_run
@@ -115,6 +116,15 @@ class DetectorConfig:
                 raise ValueError(
                     f"DetectorConfig.{name} must be a finite number ≥ 0, got {value!r}"
                 )
+
+
+def reference_rank(classes: Any, dim: Any, rows: Any) -> Any:
+    """The effective rank a batch's classes need: min(C − 1, D, N − 1), for floats or arrays.
+
+    C class means span at most C − 1 dimensions (a simplex when training works) and N rows
+    at most N − 1 once centred. NaN where C is unknown; an unknown N does not cap it.
+    """
+    return np.minimum(np.asarray(classes) - 1, np.fmin(dim, np.asarray(rows) - 1))
 
 
 def _value(row: Mapping[str, Any], name: str) -> float:
@@ -301,9 +311,9 @@ class CollapseDetector:
         evidence = {"effective_rank": rank, "embedding_dim": dim}
         classes, rows = _value(row, "num_classes"), _value(row, "batch_size")
         if math.isfinite(classes):
-            # C class means span at most C − 1 dimensions (a simplex when training works),
-            # and N rows at most N − 1 once centred; the rank and C come from the same batch.
-            reference = min(classes - 1, dim, rows - 1 if math.isfinite(rows) else dim)
+            # The rank and C come from the same batch, so the reference follows a sampler
+            # that changes the classes per batch.
+            reference = float(reference_rank(classes, dim, rows))
             evidence.update(num_classes=classes, reference_rank=reference)
             # RankMe is 1 for a single direction, so compare the dimensions beyond the
             # first; a reference of 1 (two classes) or less is never judged low.

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from collapsewatch.detect import reference_rank
 from collapsewatch.store import (
     RUN_SUFFIX,
     RunFileError,
@@ -254,6 +255,14 @@ def _with_derived(frame: pd.DataFrame, margin: float | None) -> pd.DataFrame:
             frame = frame.assign(loss_margin_ratio=frame["loss"] / frame["margin"])
         elif margin:
             frame = frame.assign(loss_margin_ratio=frame["loss"] / margin)
+    if {"num_classes", "embedding_dim", "batch_size"} <= set(frame.columns):
+        # What the detector compares the effective rank with, drawn beside it.
+        reference = reference_rank(
+            frame["num_classes"].to_numpy(dtype=float),
+            frame["embedding_dim"].to_numpy(dtype=float),
+            frame["batch_size"].to_numpy(dtype=float),
+        )
+        frame = frame.assign(reference_rank=reference)
     return frame
 
 

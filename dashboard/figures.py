@@ -152,8 +152,9 @@ PANEL_TITLES = (
     "<b>Spread</b> — mean pairwise distance (solid) and embedding variance (dotted), log scale",
     "<b>Triplet difficulty</b> — share of valid triplets, stacked: hard (dark), semi-hard (light),"
     " easy (rest, unfilled)",
-    "<b>Rank</b> — std of L2-normalised embeddings (solid, healthy ≈ 1/√D dashed)"
-    " and effective rank (dots, right axis)",
+    "<b>Rank</b> — std of L2-normalised (solid, healthy 1/√D dashed), within-class variance"
+    " share (dash), alignment (dash-dot), uniformity (long dash); right: effective rank (dots)"
+    " and what the classes need, min(C − 1, D, N − 1) (dashes)",
 )
 
 
@@ -184,7 +185,21 @@ GROUPS: tuple[tuple[Series, ...], ...] = (
         Series("frac_easy", "easy", "y7", fill_alpha=0.0, fmt=".1%"),
     ),
     (Series("std_of_l2_normalized", "std of L2-normalised", "y8"),),
-    (Series("effective_rank", "effective rank", "y9", dash="dot", markers=True, fmt=".3g"),),
+    # Measured together on rank steps (NaN between), so they share rows.
+    (
+        Series("effective_rank", "effective rank", "y9", dash="dot", markers=True, fmt=".3g"),
+        Series("reference_rank", "rank the classes need", "y9", dash="dash", fmt=".0f"),
+        Series(
+            "within_class_variance_ratio",
+            "within-class variance share",
+            "y8",
+            dash="dash",
+            markers=True,
+            fmt=".3f",
+        ),
+        Series("alignment", "alignment", "y8", dash="dashdot", markers=True, fmt=".3f"),
+        Series("uniformity", "uniformity", "y8", dash="longdash", markers=True, fmt=".3f"),
+    ),
 )
 PLOTTED_COLUMNS = tuple(s.column for group in GROUPS for s in group)
 
@@ -272,8 +287,7 @@ def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
     layout["yaxis8"] = {
         **data_axis,
         "overlaying": "y4",
-        "title": {"text": "std"},
-        "rangemode": "tozero",
+        "title": {"text": "std, share, alignment, uniformity"},
     }
     layout["yaxis9"] = {
         **data_axis,

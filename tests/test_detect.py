@@ -140,3 +140,65 @@ def test_steps_must_increase_and_config_is_checked():
         DetectorConfig(window=-1)
     with pytest.raises(ValueError, match="plateau_tolerance"):
         DetectorConfig(plateau_tolerance=float("nan"))
+
+
+def rank_stream(ranks, classes, *, batch_size=256, every=10, dim=32.0):
+    """Rank steps every ``every`` steps (NaN between), on a healthy plateau-free stream."""
+    n = every * len(ranks)
+    measured = [math.nan] * n
+    for i, rank in enumerate(ranks):
+        measured[i * every] = rank
+    extra = {} if classes is None else {"num_classes": float(classes)}
+    return stream(
+        [0.5] * n,
+        [1.0] * n,
+        effective_rank=measured,
+        embedding_dim=dim,
+        batch_size=batch_size,
+        **extra,
+    )
+
+
+def rank_events(metrics):
+    return [(e.step, e.kind, e.state) for e in analyze(metrics, DetectorConfig(window=20)).events]
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5, 10, 20, 40])
+def test_classes_using_about_c_minus_one_dimensions_are_never_flagged(classes):
+    # A simplex of C class means spans C − 1 dimensions: neural collapse, not a failure.
+    ranks = [classes - 1, 0.8 * (classes - 1), max(1.0, 0.7 * (classes - 1))] * 4
+    assert rank_events(rank_stream(ranks, classes)) == []
+
+
+@pytest.mark.parametrize("classes", [5, 10, 20])
+def test_five_or_more_classes_in_two_dimensions_for_a_window_are_flagged(classes):
+    ranks = [classes - 1] * 2 + [2.0] * 4 + [classes - 1] * 3
+    metrics = rank_stream(ranks, classes)
+    assert rank_events(metrics) == [
+        (40, "dimensional_collapse", "warning"),  # low since step 20, for 20 steps
+        (60, "dimensional_collapse_cleared", "healthy"),
+    ]
+    event = analyze(metrics, DetectorConfig(window=20)).events[0]
+    assert event.evidence["num_classes"] == classes
+    assert event.evidence["reference_rank"] == classes - 1
+    assert f"the {classes} classes in the batch need about {classes - 1}" in event.message
+    # One low measurement is not a full window.
+    assert rank_events(rank_stream([classes - 1, 2.0, classes - 1] * 3, classes)) == []
+
+
+def test_two_classes_on_a_line_are_not_dimensional_collapse():
+    # The issue's false alarm: batch-hard on two classes, rank ≈ 1.8 of 32 (kNN 0.97).
+    assert rank_events(rank_stream([1.8] * 10, 2)) == []
+    assert rank_events(rank_stream([1.0] * 10, 2)) == []  # a line is all two classes need
+    # Without labels the fallback (a share of D) still judges it: 1.0 < 0.05 × 32.
+    assert [kind for _, kind, _ in rank_events(rank_stream([1.0] * 10, None))] == [
+        "dimensional_collapse"
+    ]
+
+
+def test_the_reference_is_capped_by_the_batch_and_the_dimension():
+    # min(C − 1, D, N − 1): 4 rows span at most 3 dimensions, 4 dimensions at most 4.
+    assert rank_events(rank_stream([2.0] * 10, 10, batch_size=4)) == []
+    assert rank_events(rank_stream([2.0] * 10, 10, batch_size=256)) != []
+    assert rank_events(rank_stream([2.4] * 10, 50, dim=4.0)) == []
+    assert rank_events(rank_stream([2.0] * 10, 50, dim=4.0)) != []

@@ -75,3 +75,14 @@ def test_report_of_a_healthy_run(runs, tmp_path, page, capsys):
     assert "No collapse detected." in page.inner_text("body")
     assert page.inner_text(".badge") == "healthy"
     assert page.locator(".js-plotly-plot").count() == 3  # panels, first and last snapshot
+
+
+def test_report_shows_the_class_geometry(runs, tmp_path):
+    output = tmp_path / "geometry.html"
+    assert main(["report", str(runs["healthy"]), "-o", str(output)]) == 0
+    page = output.read_text()
+    for column in ("num_classes", "within_class_variance_ratio", "alignment", "uniformity"):
+        assert f"<td>{column}</td>" in page  # first and last recorded values
+    assert "rank the classes need" in page  # the rank panel's reference, from the dashboard
+    last = cw.load_run(runs["healthy"]).metrics["num_classes"].dropna()
+    assert (last == 10).all()

@@ -16,8 +16,9 @@ from collapsewatch.statistics import (
     effective_rank,
     embedding_sums,
     explicit_triplet_statistics,
-    gram_matrix,
     healthy_std_of_l2_normalized,
+    rank_step_size,
+    rank_step_sums,
     step_sums,
 )
 from tests import reference
@@ -30,7 +31,7 @@ def known_batch(seed: int = 0, n: int = 24, dim: int = 6):
     return z, labels
 
 
-def derive(vectors, dim, *, margin=0.3, world_size=1, grams=None, steps=None):
+def derive(vectors, dim, *, margin=0.3, world_size=1, rank_sums=None, steps=None):
     vectors = torch.stack(vectors).numpy() if isinstance(vectors, list) else vectors
     count = vectors.shape[0]
     steps = np.arange(count) if steps is None else steps
@@ -41,7 +42,7 @@ def derive(vectors, dim, *, margin=0.3, world_size=1, grams=None, steps=None):
         dim=dim,
         margin=margin,
         world_size=world_size,
-        grams=grams,
+        rank_sums=rank_sums,
     )
 
 
@@ -56,7 +57,7 @@ def test_every_column_matches_a_direct_computation():
     z, labels = known_batch()
     loss, stats = functional.batch_hard_triplet_loss(z, labels, 0.3, return_statistics=True)
     vector = step_sums(loss, stats, embedding_sums(z))
-    m = derive([vector], dim=6, grams={0: gram_matrix(z).numpy()})
+    m = derive([vector], dim=6, rank_sums={0: rank_step_sums(z, labels).numpy()})
     want = reference.statistics(z, labels, 0.3, "batch_hard", False, "euclidean")
     direct = {
         "loss": loss.item(),
@@ -67,6 +68,10 @@ def test_every_column_matches_a_direct_computation():
         # lightly's std_of_l2_normalized: std over the batch of the normalised embeddings.
         "std_of_l2_normalized": torch.std(F.normalize(z, dim=1), dim=0).mean().item(),
         "effective_rank": rankme(z),
+        "num_classes": len(set(labels.tolist())),
+        "within_class_variance_ratio": within_over_total(z, labels),
+        "alignment": alignment(z, labels),
+        "uniformity": uniformity(z),
         "nonfinite_count": 0.0,
         "embedding_dim": 6.0,
         "batch_size": 24.0,
@@ -95,13 +100,16 @@ def test_sums_of_two_halves_describe_the_whole_batch():
     # What makes the DDP reduction exact: sums over ranks, not averages of statistics.
     z, labels = known_batch(1, n=30, dim=5)
     halves = [(z[:13], labels[:13]), (z[13:], labels[13:])]
-    vectors, grams = [], []
+    vectors, rank_vectors = [], []
     for part, part_labels in halves:
         loss, stats = functional.batch_all_triplet_loss(part, part_labels, return_statistics=True)
         vectors.append(step_sums(loss, stats, embedding_sums(part)))
-        grams.append(gram_matrix(part))
+        rank_vectors.append(rank_step_sums(part, part_labels))
     m = derive(
-        [vectors[0] + vectors[1]], dim=5, world_size=2, grams={0: (grams[0] + grams[1]).numpy()}
+        [vectors[0] + vectors[1]],
+        dim=5,
+        world_size=2,
+        rank_sums={0: (rank_vectors[0] + rank_vectors[1]).numpy()},
     )
     assert m["embedding_variance"][0] == pytest.approx(torch.var(z, dim=0).mean().item())
     assert m["effective_rank"][0] == pytest.approx(rankme(z))
@@ -119,7 +127,7 @@ def test_non_finite_rows_are_counted_and_left_out():
     bad[3, 1] = float("nan")
     bad[7] = float("inf")
     vector = step_sums(torch.tensor(0.1), None, embedding_sums(bad))
-    m = derive([vector], dim=4, grams={0: gram_matrix(bad).numpy()})
+    m = derive([vector], dim=4, rank_sums={0: rank_step_sums(bad, None).numpy()})
     finite = z[[i for i in range(10) if i not in (3, 7)]]
     assert m["nonfinite_count"][0] == 5
     assert m["batch_size"][0] == 10
@@ -135,7 +143,7 @@ def test_single_row_and_collapsed_batches_are_defined():
     m = derive(
         [step_sums(torch.tensor(0.2), None, embedding_sums(b)) for b in (one, same)],
         dim=8,
-        grams={1: gram_matrix(same).numpy()},
+        rank_sums={1: rank_step_sums(same, None).numpy()},
     )
     assert list(m["embedding_variance"]) == [0.0, 0.0]
     assert list(m["std_of_l2_normalized"]) == [0.0, 0.0]
@@ -168,3 +176,122 @@ def test_explicit_triplet_statistics():
     assert stats.hardest_positive_mean.item() == pytest.approx(d_ap.mean().item())
     assert stats.hardest_negative_mean.item() == pytest.approx(d_an.mean().item())
     assert stats.mean_pairwise_distance.item() == pytest.approx((pairwise.sum() / (36 * 35)).item())
+
+
+# Slow references for the label-aware columns: explicit loops over rows and pairs, float64.
+
+
+def unit_rows(z: torch.Tensor) -> list[torch.Tensor]:
+    return [row / row.norm() if row.norm() > 0 else row for row in z.double()]
+
+
+def within_over_total(z: torch.Tensor, labels: torch.Tensor) -> float:
+    rows, y = z.double(), labels.tolist()
+    members = {c: [r for r, label in zip(rows, y, strict=True) if label == c] for c in set(y)}
+    means = {c: torch.stack(rows_c).mean(0) for c, rows_c in members.items()}
+    centre = rows.mean(0)
+    within = sum(((r - means[c]) ** 2).sum().item() for r, c in zip(rows, y, strict=True))
+    total = sum(((r - centre) ** 2).sum().item() for r in rows)
+    return within / total
+
+
+def alignment(z: torch.Tensor, labels: torch.Tensor) -> float:
+    u, y, terms = unit_rows(z), labels.tolist(), []
+    for i in range(len(u)):
+        for j in range(len(u)):
+            if i != j and y[i] == y[j]:
+                terms.append(((u[i] - u[j]) ** 2).sum().item())
+    return sum(terms) / len(terms)
+
+
+def uniformity(z: torch.Tensor) -> float:
+    u, terms = unit_rows(z), []
+    for i in range(len(u)):
+        for j in range(len(u)):
+            if i != j:
+                terms.append(math.exp(-2 * ((u[i] - u[j]) ** 2).sum().item()))
+    return math.log(sum(terms) / len(terms))
+
+
+def geometry(z, labels, **kwargs):
+    """The label-aware columns of one step (rank step) of ``z``."""
+    vector = step_sums(torch.tensor(0.1), None, embedding_sums(z))
+    m = derive([vector], dim=z.shape[1], rank_sums={0: rank_step_sums(z, labels, **kwargs).numpy()})
+    return {name: m[name][0] for name in LABEL_COLUMNS}
+
+
+LABEL_COLUMNS = ("num_classes", "within_class_variance_ratio", "alignment", "uniformity")
+
+
+def test_label_geometry_matches_explicit_loops():
+    z, labels = known_batch(4, n=30, dim=5)
+    labels[[0, 1]] = 7  # a class of two beside classes 0–3
+    z[5] = 0.0  # a zero row: u = 0, it still counts in every pair
+    got = geometry(z, labels)
+    assert got["num_classes"] == 5
+    assert got["within_class_variance_ratio"] == pytest.approx(within_over_total(z, labels))
+    assert got["alignment"] == pytest.approx(alignment(z, labels))
+    assert got["uniformity"] == pytest.approx(uniformity(z))
+    assert 0 < got["within_class_variance_ratio"] < 1 and got["uniformity"] < 0
+
+
+def test_rank_step_sums_of_two_halves_describe_the_whole_batch():
+    z, labels = known_batch(5, n=26, dim=4)
+    halves = [(z[:11], labels[:11]), (z[11:], labels[11:])]
+    whole = rank_step_sums(z, labels)
+    summed = sum(rank_step_sums(part, y) for part, y in halves)
+    assert summed.shape == whole.shape == (rank_step_size(4),)
+    # Gram and class table: the global batch exactly.
+    gram_and_table = torch.cat([torch.arange(16), torch.arange(20, len(whole))])
+    assert torch.allclose(summed[gram_and_table], whole[gram_and_table], rtol=1e-12, atol=1e-12)
+    vectors = sum(step_sums(torch.tensor(0.1), None, embedding_sums(p)) for p, _ in halves)
+    m = derive([vectors], dim=4, rank_sums={0: summed.numpy()})
+    assert m["num_classes"][0] == len(set(labels.tolist()))
+    assert m["within_class_variance_ratio"][0] == pytest.approx(within_over_total(z, labels))
+    assert m["effective_rank"][0] == pytest.approx(rankme(z))
+
+    # Pair sums: the pairs within each half (each DDP rank's batch), all of them.
+    assert math.exp(m["uniformity"][0]) == pytest.approx(
+        sum(math.exp(uniformity(p)) * len(p) * (len(p) - 1) for p, _ in halves)
+        / sum(len(p) * (len(p) - 1) for p, _ in halves)
+    )
+    positives = [
+        sum(1 for i in range(len(y)) for j in range(len(y)) if i != j and y[i] == y[j])
+        for _, y in ((p, y.tolist()) for p, y in halves)
+    ]
+    assert m["alignment"][0] == pytest.approx(
+        sum(alignment(p, y) * k for (p, y), k in zip(halves, positives, strict=True))
+        / sum(positives)
+    )
+
+
+def test_degenerate_batches_give_defined_or_documented_values():
+    z, _ = known_batch(6, n=12, dim=3)
+    one_class = geometry(z, torch.zeros(12, dtype=torch.int64))
+    assert one_class["num_classes"] == 1
+    assert one_class["within_class_variance_ratio"] == pytest.approx(1.0)
+    assert one_class["alignment"] == pytest.approx(alignment(z, torch.zeros(12)))
+    distinct = geometry(z, torch.arange(12))
+    assert distinct["num_classes"] == 12
+    assert distinct["within_class_variance_ratio"] == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(distinct["alignment"])  # no positive pair: 0 would read as perfect
+    single = geometry(z[:1], torch.tensor([3]))
+    assert single["num_classes"] == 1
+    assert all(math.isnan(single[k]) for k in LABEL_COLUMNS[1:])  # no spread, no pair
+    point = geometry(torch.ones(8, 3, dtype=torch.float64), torch.arange(8) % 2)
+    assert point["alignment"] == 0.0 and point["uniformity"] == 0.0  # collapsed: the maxima
+    assert math.isnan(point["within_class_variance_ratio"])  # tr Σ_T = 0: undefined
+    unlabelled = geometry(z, None)
+    assert unlabelled["uniformity"] == pytest.approx(uniformity(z))
+    assert all(math.isnan(unlabelled[k]) for k in LABEL_COLUMNS[:3])
+
+
+def test_labels_share_a_class_row_modulo_the_table_size():
+    z, _ = known_batch(7, n=12, dim=3)
+    labels = torch.tensor([0, 5, 10, -1, 4, 9] * 2)  # with 5 rows: 0 ≡ 5 ≡ 10, −1 ≡ 4 ≡ 9
+    assert geometry(z, labels, buckets=5)["num_classes"] == 2
+    assert geometry(z, labels, buckets=1024)["num_classes"] == 6
+    merged = geometry(z, labels.remainder(5), buckets=1024)
+    assert geometry(z, labels, buckets=5)["within_class_variance_ratio"] == pytest.approx(
+        merged["within_class_variance_ratio"]
+    )

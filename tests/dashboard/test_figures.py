@@ -212,3 +212,27 @@ def test_embedding_figure_without_labels_or_with_many(logdir: Path) -> None:
     empty = embedding_figure(None)
     assert empty["data"] == [] and "No embedding" in empty["layout"]["annotations"][0]["text"]
     assert embedding_caption(None) == ""
+
+
+def test_rank_panel_draws_the_class_geometry_beside_the_rank(logdir: Path) -> None:
+    frame = metrics_frame(range(40))
+    rank_steps = frame["step"] % 10 == 0
+    for column, value in {
+        "num_classes": 4.0,
+        "within_class_variance_ratio": 0.3,
+        "alignment": 0.5,
+        "uniformity": -2.5,
+    }.items():
+        frame[column] = np.where(rank_steps, value, np.nan)
+    writer = RunWriter(logdir / "g.cwrun", {"margin": 0.2, "embedding_dim": 8})
+    writer.append_metrics(frame)
+    writer.close()
+    figure, _ = panels_figure([RunCache(logdir).view("g.cwrun")], {"g.cwrun": "#0072B2"}, 2000)
+    right = {t["hovertemplate"].split(" %")[0]: t for t in _by_axis(figure, "y9")}
+    # The detector's reference, min(C − 1, D, N − 1) = min(3, 8, 31), on the rank's rows.
+    assert right["rank the classes need"]["y"] == [3.0] * 4
+    assert right["rank the classes need"]["x"] == right["effective rank"]["x"] == [0, 10, 20, 30]
+    left = {t["hovertemplate"].split(" %")[0]: t["y"] for t in _by_axis(figure, "y8")}
+    assert left["within-class variance share"] == [0.3] * 4
+    assert left["alignment"] == [0.5] * 4 and left["uniformity"] == [-2.5] * 4
+    json.dumps(figure, allow_nan=False)

@@ -98,7 +98,8 @@ SUGGESTIONS = {
 @dataclass(frozen=True)
 class DetectorConfig:
     """Thresholds of the detector. Defaults were tuned on the reference runs in
-    ``tests/test_detect_scenarios.py`` (scikit-learn digits; see docs/detector.md)."""
+    ``tests/test_scenarios.py`` (scikit-learn digits) and checked by
+    ``benchmarks/calibrate_detector.py`` on four more data sets; see docs/detector.md."""
 
     plateau_tolerance: float = 0.02
     contraction_margin_fraction: float = 0.1
@@ -160,9 +161,10 @@ class CollapseDetector:
 
     A row is a mapping with at least ``step``, ``loss_margin_ratio``, ``margin`` and
     ``mean_pairwise_distance``; ``embedding_variance``, ``effective_rank``,
-    ``embedding_dim``, ``nonfinite_count`` and ``num_valid_triplets`` are used when
-    present. NaN means unknown; a step with unknown values or no valid triplet is no
-    evidence either way and leaves the plateau rule's streaks as they were.
+    ``embedding_dim``, ``num_classes``, ``batch_size``, ``nonfinite_count`` and
+    ``num_valid_triplets`` are used when present. NaN means unknown; a step with unknown
+    values or no valid triplet is no evidence either way and leaves the plateau rule's
+    streaks as they were.
     """
 
     config: DetectorConfig = field(default_factory=DetectorConfig)

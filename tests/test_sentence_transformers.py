@@ -310,6 +310,11 @@ def test_which_loss_to_watch(tmp_path, bert_dir, digits):
     assert run.metadata["loss_class"] == "BatchAllTripletLoss"
     # Only the batches of the "all" dataset are its steps.
     assert calls["hard"] > 0 and len(run.metrics) == calls["all"] > 0
+    first = calls["all"]
+    # A second train() with the same callback continues the run it named.
+    _train(tmp_path / "b", "st", model, loss, dataset, [callback], steps=4)
+    run = cw.load_run(callback.path)
+    assert list(run.metrics["step"]) == list(range(calls["all"])) and calls["all"] > first
 
     class TwoLosses(torch.nn.Module):
         def __init__(self):

@@ -142,7 +142,8 @@ class CollapseWatchCallback(TrainerCallback):
         **watch_options: passed to :func:`collapsewatch.watch` (``run``, ``every``,
             ``margin``, ``distance``, ``embedding``, …); they override what the callback
             reads from the loss and model. ``logdir`` defaults to
-            ``<args.output_dir>/collapsewatch``.
+            ``<args.output_dir>/collapsewatch``. A later ``train()`` resumes the ``run``
+            named here.
     """
 
     def __init__(
@@ -270,6 +271,9 @@ class CollapseWatchCallback(TrainerCallback):
             **self._options(loss, model),
             "on_collapse": self._stop if self.on_collapse == "stop" else self.on_collapse,
         }
+        if self.watcher is not None and "run" in self.watch_options:
+            # Another train() with this callback continues the run it named.
+            options.setdefault("resume", True)
         self.collapse, self._reported_step = None, None
         self.watcher = watch(model, loss, **options)
 

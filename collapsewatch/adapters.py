@@ -12,6 +12,7 @@ Three call signatures are understood:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -138,7 +139,9 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
             raise ValueError(f"margin= must be a number, got {margin!r}")
     else:
         found, source = None, ""
-        for attribute in MARGIN_ATTRIBUTES:
+        # A soft-margin loss uses only PML's ``margin``: sentence-transformers'
+        # BatchHardSoftMarginTripletLoss inherits a ``triplet_margin`` it never uses.
+        for attribute in ("margin",) if soft else MARGIN_ATTRIBUTES:
             found = _number(getattr(loss_fn, attribute, None))
             if found is not None:
                 source = f"{name}.{attribute}"
@@ -170,13 +173,42 @@ class DistanceSpec:
     normalize: bool = False
 
 
+# sentence-transformers' BatchHardTripletLossDistanceFunction, by function name
+# (``eucledian_distance`` is its old spelling, kept as an alias).
+_DISTANCE_FUNCTIONS: dict[str, Distance] = {
+    "euclidean_distance": "euclidean",
+    "eucledian_distance": "euclidean",
+    "euclidean_distance_squared": "squared_euclidean",
+    "eucledian_distance_squared": "squared_euclidean",
+    "cosine_distance": "cosine",
+}
+
+
+def _distance_of_function(loss_fn: torch.nn.Module, metric: Any) -> Distance:
+    """The distance a ``distance_metric`` function computes; ``ValueError`` if unknown."""
+    squared = False
+    if isinstance(metric, functools.partial):
+        # partial(euclidean_distance, squared=True), the way to ask for squared distances
+        squared = bool(metric.keywords.get("squared", False))
+        metric = metric.func
+    distance = _DISTANCE_FUNCTIONS.get(getattr(metric, "__name__", ""))
+    if distance is None:
+        raise ValueError(
+            f"cannot tell which distance {type(loss_fn).__name__}.distance_metric ({metric!r}) "
+            "computes; pass it: watch(..., distance='euclidean'), 'squared_euclidean' or "
+            "'cosine'"
+        )
+    return "squared_euclidean" if squared and distance == "euclidean" else distance
+
+
 def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> DistanceSpec:
     """The distance under which watch() computes a foreign loss's statistics.
 
     An explicit ``distance`` wins. Otherwise: the bundled losses say theirs;
-    pytorch-metric-learning losses carry a ``distance`` object (``LpDistance`` with p=2,
-    power 1 or 2, optionally normalising; ``CosineSimilarity``); ``TripletMarginLoss`` and
-    anything else default to Euclidean.
+    sentence-transformers losses keep a ``distance_metric`` function (an unknown one raises
+    ``ValueError``); pytorch-metric-learning losses carry a ``distance`` object
+    (``LpDistance`` with p=2, power 1 or 2, optionally normalising; ``CosineSimilarity``);
+    ``TripletMarginLoss`` and anything else default to Euclidean.
     """
     if distance is not None:
         return DistanceSpec(check_distance(distance))
@@ -184,15 +216,7 @@ def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> Distan
         return DistanceSpec(loss_fn.distance)
     metric = getattr(loss_fn, "distance_metric", None)
     if callable(metric):
-        # sentence-transformers keeps a function: BatchHardTripletLossDistanceFunction.*
-        by_name = {
-            "eucledian_distance": "euclidean",
-            "euclidean_distance": "euclidean",
-            "cosine_distance": "cosine",
-        }
-        known = by_name.get(getattr(metric, "__name__", ""))
-        if known is not None:
-            return DistanceSpec(known)
+        return DistanceSpec(_distance_of_function(loss_fn, metric))
     pml_distance = getattr(loss_fn, "distance", None)
     kind = type(pml_distance).__name__
     if kind == "CosineSimilarity":

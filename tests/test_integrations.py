@@ -122,3 +122,19 @@ def test_lightning_callback(tmp_path):
     run = cw.load_run(callback.path)
     assert list(run.metrics["step"]) == [0, 2, 4, 6]  # 8 training steps; validation is not
     assert run.metadata["status"] == "finished" and run.metadata["model_class"] == "Module"
+    # A second fit() with the same callback (a new Trainer, as in fine-tuning) continues the
+    # run instead of failing on the taken name.
+    second = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    second.fit(Module(), loader)
+    run = cw.load_run(callback.path)
+    assert list(run.metrics["step"]) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert run.metadata["status"] == "finished" and len(run.metadata["resumed"]) == 1

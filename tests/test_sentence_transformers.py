@@ -5,6 +5,7 @@ HF Trainer, offline (a local WordPiece vocabulary; nothing is downloaded)."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 # Before transformers is imported: its hub client reads these once.
@@ -29,11 +30,8 @@ from sentence_transformers.sentence_transformer.training_args import (  # noqa: 
 from sklearn.datasets import load_digits  # noqa: E402
 
 import collapsewatch as cw  # noqa: E402
-from collapsewatch.integrations.sentence_transformers import (  # noqa: E402
-    CollapseWatchCallback,
-    find_distance,
-    find_margin,
-)
+from collapsewatch.adapters import find_distance, find_margin  # noqa: E402
+from collapsewatch.integrations.sentence_transformers import CollapseWatchCallback  # noqa: E402
 
 Distances = losses.BatchHardTripletLossDistanceFunction
 
@@ -182,7 +180,7 @@ def test_verdict_and_logs(tmp_path, bert_dir, digits, kind, configuration, expec
     assert run.metadata["distance"] == "euclidean"
     assert run.metadata["loss_class"] == loss_class.__name__
     assert run.metadata["model_class"] == "SentenceTransformer"
-    assert run.metadata["config"]["margin_attribute"] == "triplet_margin"
+    assert run.metadata["config"]["margin_attribute"].endswith(".triplet_margin")
     assert run.metadata["config"]["distance_metric"] == "euclidean_distance"
     assert run.metadata["config"]["embedding_key"] == "sentence_embedding"
     assert run.metadata["status"] == "finished"
@@ -266,22 +264,29 @@ def test_on_collapse_stop_ends_training_and_reports_to_tensorboard(tmp_path, ber
 
 
 def test_found_margin_and_distance():
+    """watch() reads sentence-transformers' margin and distance_metric by itself."""
     model = torch.nn.Linear(2, 2)  # never called: the losses only store it
-    assert find_distance(losses.BatchHardTripletLoss(model)) == "euclidean"
+
+    def distance(loss):
+        return find_distance(loss, None).distance
+
+    assert distance(losses.BatchHardTripletLoss(model)) == "euclidean"
     for metric, expected in [
         (Distances.eucledian_distance, "euclidean"),
         (Distances.cosine_distance, "cosine"),
         (functools.partial(Distances.euclidean_distance, squared=True), "squared_euclidean"),
     ]:
-        assert find_distance(losses.BatchAllTripletLoss(model, distance_metric=metric)) == expected
-    with pytest.raises(ValueError, match="CollapseWatchCallback\\(distance="):
-        find_distance(losses.BatchHardTripletLoss(model, distance_metric=lambda e: e @ e.T))
-    assert find_distance(torch.nn.MSELoss()) is None
-    assert find_margin(losses.BatchHardTripletLoss(model, margin=0.3)) == (0.3, "triplet_margin")
-    assert find_margin(losses.BatchSemiHardTripletLoss(model, margin=2)) == (2.0, "margin")
-    # It inherits triplet_margin=5 but computes softplus(d_ap − d_an): a margin of 0.
-    assert find_margin(losses.BatchHardSoftMarginTripletLoss(model)) == (0.0, "soft margin")
-    assert find_margin(torch.nn.MSELoss()) is None
+        assert distance(losses.BatchAllTripletLoss(model, distance_metric=metric)) == expected
+    with pytest.raises(ValueError, match="distance='euclidean'"):
+        distance(losses.BatchHardTripletLoss(model, distance_metric=lambda e: e @ e.T))
+    spec = find_margin(losses.BatchHardTripletLoss(model, margin=0.3), None)
+    assert (spec.margin, spec.plateau) == (0.3, 0.3) and spec.source.endswith("triplet_margin")
+    assert find_margin(losses.BatchSemiHardTripletLoss(model, margin=2), None).margin == 2.0
+    # It inherits triplet_margin=5 but computes softplus(d_ap − d_an): no margin, and a
+    # collapsed batch sits at ln 2.
+    soft = find_margin(losses.BatchHardSoftMarginTripletLoss(model), None)
+    assert soft.margin is None and soft.plateau == pytest.approx(math.log(2))
+    assert find_margin(torch.nn.MSELoss(), None).plateau is None
 
 
 def test_which_loss_to_watch(tmp_path, bert_dir, digits):

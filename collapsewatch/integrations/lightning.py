@@ -70,6 +70,9 @@ class CollapseWatchCallback(Callback):
             )
         model = pl_module if self.model is None else getattr(pl_module, self.model)
         options = {"logdir": Path(trainer.default_root_dir) / "collapsewatch", **self.watch_options}
+        if self.watcher is not None:
+            # A later fit() with this callback continues the same run after its last step.
+            options.update(logdir=self.watcher.logdir, run=self.watcher.name, resume=True)
         self.watcher = watch(model, loss, **options)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import operator
 import sys
 import warnings
@@ -46,8 +45,8 @@ except ImportError:
         "pip install sentence-transformers (or pip install transformers for the HF Trainer)"
     ) from None
 
+from collapsewatch.adapters import find_margin
 from collapsewatch.detect import COLLAPSED, HEALTHY, WARNING
-from collapsewatch.losses.distances import Distance
 from collapsewatch.store import Event
 from collapsewatch.watch import CollapseWarning, Watcher, watch
 
@@ -55,60 +54,9 @@ PREFIX = "collapsewatch/"
 STATE_CODES = {HEALTHY: 0, WARNING: 1, COLLAPSED: 2}
 EMBEDDING_KEY = "sentence_embedding"
 
-# sentence-transformers' BatchHardTripletLossDistanceFunction (``eucledian_distance`` is the
-# old spelling, kept as an alias), by function name.
-_DISTANCES: dict[str, Distance] = {
-    "euclidean_distance": "euclidean",
-    "eucledian_distance": "euclidean",
-    "euclidean_distance_squared": "squared_euclidean",
-    "eucledian_distance_squared": "squared_euclidean",
-    "cosine_distance": "cosine",
-}
-
 
 def _is_sentence_transformers(module: torch.nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "sentence_transformers"
-
-
-def find_margin(loss: torch.nn.Module) -> tuple[float, str] | None:
-    """The loss's margin and the attribute holding it: ``triplet_margin``
-    (sentence-transformers) or ``margin``; None if it has neither.
-
-    sentence-transformers' ``BatchHardSoftMarginTripletLoss`` inherits a ``triplet_margin``
-    it never uses (its loss is softplus(d_ap − d_an)): its margin is 0, a soft margin.
-    """
-    if _is_sentence_transformers(loss) and "SoftMargin" in type(loss).__name__:
-        return 0.0, "soft margin"
-    for name in ("triplet_margin", "margin"):
-        value = getattr(loss, name, None)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value), name
-    return None
-
-
-def find_distance(loss: torch.nn.Module) -> Distance | None:
-    """The distance of the loss's ``distance_metric``; None if it has none.
-
-    Raises ``ValueError`` for a metric function watch() does not compute.
-    """
-    metric = getattr(loss, "distance_metric", None)
-    if metric is None:
-        return None
-    squared = False
-    if isinstance(metric, functools.partial):
-        # partial(euclidean_distance, squared=True), the way to ask for squared distances
-        squared = bool(metric.keywords.get("squared", False))
-        metric = metric.func
-    distance = _DISTANCES.get(getattr(metric, "__name__", ""))
-    if distance is None:
-        raise ValueError(
-            f"cannot tell which distance {type(loss).__name__}.distance_metric ({metric!r}) "
-            "computes; pass it: CollapseWatchCallback(distance='euclidean'), "
-            "'squared_euclidean' or 'cosine'"
-        )
-    return "squared_euclidean" if squared and distance == "euclidean" else distance
 
 
 def _calling(cls: type) -> Any:
@@ -222,14 +170,10 @@ class CollapseWatchCallback(TrainerCallback):
     def _options(self, loss: torch.nn.Module, model: torch.nn.Module) -> dict[str, Any]:
         """watch()'s margin, distance and embedding as read from the loss and model, with
         where they came from in the run's config; explicit watch options win."""
+        # watch() reads the margin and distance itself (collapsewatch.adapters); they are
+        # looked up here only to say in the run's config where they came from.
         found: dict[str, Any] = {}
-        margin = find_margin(loss)
-        if margin is not None:
-            found["margin"] = margin[0]
-        if "distance" not in self.watch_options:
-            distance = find_distance(loss)
-            if distance is not None:
-                found["distance"] = distance
+        margin = find_margin(loss, self.watch_options.get("margin"))
         key = EMBEDDING_KEY if _is_sentence_transformers(model) else None
         if key is not None:
             found["embedding"] = operator.itemgetter(key)
@@ -238,7 +182,7 @@ class CollapseWatchCallback(TrainerCallback):
             metric = metric.func
         config = {
             "integration": "sentence_transformers",
-            "margin_attribute": None if margin is None else margin[1],
+            "margin_attribute": margin.source or None,
             "distance_metric": getattr(metric, "__name__", None),
             "embedding_key": key,
             **dict(self.watch_options.get("config") or {}),

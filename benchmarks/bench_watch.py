@@ -9,9 +9,12 @@ alike; a variant's time is the median over blocks of the block's mean step time 
 and skipped steps together, so ``every`` is amortised), and overheads are ratios to the
 plain variant of the same run:
 
-* ``plain``: the loss alone (bundled: ``statistics=False``);
+* ``plain``: the loss alone (bundled: ``statistics=False``, the default);
 * ``stats on``: the bundled loss computing its statistics on every call, unwatched;
-* ``every=1``, ``every=K``: watched, recording every step / every K-th step.
+* ``watched``: ``watch()`` at its defaults (every step recorded; difficulty counts at the
+  interval "auto" chooses, shown in the last column);
+* ``watched, counts every step``: ``difficulty_every=1``, every statistic on every step;
+* ``watched, every=K``: recording every K-th step.
 
     python benchmarks/bench_watch.py                          # GPU if available, else CPU
     python benchmarks/bench_watch.py --device cpu --threads 1 --json watch.json
@@ -57,6 +60,7 @@ class PMLBatchHard(torch.nn.Module):
         super().__init__()
         from pytorch_metric_learning import losses, miners
 
+        self.margin = margin  # what watch() reads; the wrapped loss holds it too
         self.loss = losses.TripletMarginLoss(margin=margin)
         self.miner = miners.BatchHardMiner()
 
@@ -91,6 +95,9 @@ def time_block(step: Callable[[], None], steps: int, device: torch.device) -> fl
     return (time.perf_counter() - begin) / steps
 
 
+VARIANTS = ("stats on", "watched", "watched, counts every step", "watched, every={every}")
+
+
 def measure(
     loss_name: str,
     batch_size: int,
@@ -100,55 +107,64 @@ def measure(
     blocks: int,
     steps: int,
     logdir: str,
-) -> dict[str, float]:
-    """Median block-mean step time (ms) of every variant, measured interleaved."""
+) -> tuple[dict[str, float], dict[str, int | None]]:
+    """Median block-mean step time (ms) of every variant, measured interleaved, and the
+    difficulty interval each watched variant chose.
+
+    Each variant trains its own copy of the same model with its own loss, optimiser and (if
+    watched) one ``watch()`` for all its blocks, so the interval calibration of
+    ``difficulty_every="auto"`` happens once, in the warm-up block, as in a real run.
+    """
     images, digits = load_digits_tensors()
     index = torch.randint(0, len(images), (batch_size,), generator=torch.Generator().manual_seed(0))
     x, y = images[index].to(device), digits[index].to(device)
-    torch.manual_seed(0)
-    model = DigitsEmbedder().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    plain_loss = LOSSES[loss_name](False).to(device)
-    bundled = isinstance(plain_loss, cw.losses.TripletLoss)
 
-    def step_with(loss_fn: torch.nn.Module) -> Callable[[], None]:
+    def trainer(loss_fn: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], None]]:
+        torch.manual_seed(0)
+        model = DigitsEmbedder().to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
         def step() -> None:
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        return step
+        return model, step
 
-    def watched(interval: int) -> Callable[[int], float]:
-        def run(block: int) -> float:
-            with cw.watch(
-                model,
-                plain_loss,
-                logdir=logdir,
-                run=f"run-{next(_RUN_NUMBERS)}",
-                every=interval,
-                on_collapse="ignore",
-            ):
-                return time_block(step_with(plain_loss), steps, device)
-
-        return run
-
-    variants: dict[str, Callable[[int], float]] = {
-        "plain": lambda block: time_block(step_with(plain_loss), steps, device)
+    watchers: dict[str, cw.Watcher] = {}
+    variants: dict[str, Callable[[], None]] = {"plain": trainer(LOSSES[loss_name](False))[1]}
+    if isinstance(LOSSES[loss_name](False), cw.losses.TripletLoss):
+        variants["stats on"] = trainer(LOSSES[loss_name](True))[1]
+    options = {
+        "watched": {},
+        "watched, counts every step": {"difficulty_every": 1},
+        f"watched, every={every}": {"every": every},
     }
-    if bundled:
-        stats_loss = LOSSES[loss_name](True).to(device)
-        variants["stats on"] = lambda block: time_block(step_with(stats_loss), steps, device)
-    variants["every=1"] = watched(1)
-    variants[f"every={every}"] = watched(every)
-    for run in variants.values():  # warm-up: allocator, kernels, first-call costs
-        run(-1)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for block in range(blocks):
-        for name, run in variants.items():
-            times[name].append(run(block))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    for name, watch_options in options.items():
+        loss_fn = LOSSES[loss_name](False)
+        model, step = trainer(loss_fn)
+        watchers[name] = cw.watch(
+            model,
+            loss_fn,
+            logdir=logdir,
+            run=f"run-{next(_RUN_NUMBERS)}",
+            on_collapse="ignore",
+            **watch_options,
+        )
+        variants[name] = step
+    try:
+        for step in variants.values():  # warm-up: allocator, kernels, the interval's choice
+            time_block(step, max(steps, 20), device)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(blocks):
+            for name, step in variants.items():
+                times[name].append(time_block(step, steps, device))
+    finally:
+        for watcher in watchers.values():
+            watcher.close()
+    intervals = {name: w.cadence.interval for name, w in watchers.items()}
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}, intervals
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,29 +173,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
-    parser.add_argument("--every", type=int, default=10, help="the interval to compare")
-    parser.add_argument("--blocks", type=int, default=5, help="blocks per variant")
+    parser.add_argument("--every", type=int, default=10, help="a recording interval to compare")
+    parser.add_argument("--blocks", type=int, default=7, help="blocks per variant")
     parser.add_argument(
-        "--budget-s", type=float, default=4.0, help="seconds per block, capping its steps"
+        "--budget-s", type=float, default=2.0, help="seconds per block, capping its steps"
     )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = []
+    names = [v.format(every=args.every) for v in VARIANTS]
     print(f"device: {device_name(device)} · torch {torch.__version__}")
-    print(f"| loss | B | plain (ms) | stats on | every=1 | every={args.every} |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| loss | B | plain (ms) | " + " | ".join(names) + " | counts every k steps |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
     with tempfile.TemporaryDirectory() as logdir:
         for batch_size in args.sizes:
             for loss_name in args.losses:
-                probe = measure(
+                probe, _ = measure(
                     loss_name, batch_size, device, every=1, blocks=1, steps=2, logdir=logdir
                 )
                 # Whole multiples of `every` per block, as many as the budget allows.
-                steps = max(1, int(args.budget_s / (probe["every=1"] / 1e3) / args.every))
-                steps *= args.every
-                ms = measure(
+                slowest = max(probe.values()) / 1e3
+                steps = max(1, int(args.budget_s / slowest / args.every)) * args.every
+                ms, intervals = measure(
                     loss_name,
                     batch_size,
                     device,
@@ -191,11 +208,23 @@ def main(argv: list[str] | None = None) -> dict:
                 plain = ms["plain"]
                 cells = [
                     "—" if name not in ms else f"{ms[name]:.2f} ({ms[name] / plain - 1:+.0%})"
-                    for name in ("stats on", "every=1", f"every={args.every}")
+                    for name in names
                 ]
-                print(f"| {loss_name} | {batch_size} | {plain:.2f} | " + " | ".join(cells) + " |")
+                chosen = intervals["watched"]
+                print(
+                    f"| {loss_name} | {batch_size} | {plain:.2f} | "
+                    + " | ".join(cells)
+                    + f" | {chosen} |",
+                    flush=True,
+                )
                 results.append(
-                    {"loss": loss_name, "batch_size": batch_size, "steps": steps, "ms": ms}
+                    {
+                        "loss": loss_name,
+                        "batch_size": batch_size,
+                        "steps": steps,
+                        "ms": ms,
+                        "difficulty_every": intervals,
+                    }
                 )
     report = {
         "device": device_name(device),

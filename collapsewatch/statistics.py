@@ -1,7 +1,7 @@
 """Per-step collapse statistics: sufficient statistics on the device, metrics on the host.
 
 A recorded step is reduced on the embeddings' device to one float64 vector of *sums*
-(:func:`step_sums`): the loss, the triplet loss's sufficient statistics and the embedding
+(:func:`step_vectors`): the loss, the triplet loss's sufficient statistics and the embedding
 sums below. Sums add up exactly across ranks, so under DDP one ``all_reduce(SUM)`` of this
 vector describes the global batch, where averaging per-rank variances or ranks would not.
 The vectors are copied to the host in batches and turned into the recorded columns by
@@ -45,6 +45,7 @@ how many entries were not.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -132,23 +133,34 @@ def _unit(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def embedding_sums(embeddings: Tensor) -> Tensor:
-    """(N, D) embeddings → (5 + 3D,) float64 sums, on the same device, no host sync.
+    """(..., N, D) embeddings → (..., 5 + 3D) float64 sums, on the same device, no host sync.
 
     Order: N, N_finite, non-finite entry count, Σ‖z_i‖, Σ_{i,d} z_id², Σ_i z_i, Σ_i ẑ_i,
-    Σ_i ẑ_i², where ẑ = z/‖z‖ and only entirely finite rows count in the sums.
+    Σ_i ẑ_i², where ẑ = z/‖z‖ and only entirely finite rows count in the sums. Leading
+    dimensions are independent batches: ``watch()`` reduces a whole commit's steps of one
+    shape in one call, since at small N the cost is the number of kernels, not their work.
     """
-    z, finite_rows = _finite_rows(embeddings)
-    unit, norms = _unit(z)
-    scalars = torch.stack(
+    e = embeddings.detach()
+    finite = torch.isfinite(e)
+    finite_rows = finite.all(dim=-1, keepdim=True)
+    z = torch.where(finite_rows, e, 0.0).to(torch.float64)
+    square_norms = (z * z).sum(dim=-1, keepdim=True)
+    norms = square_norms.sqrt()
+    unit = z / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    per_row = torch.cat(
         [
-            torch.full((), z.shape[0], dtype=torch.float64, device=z.device),
-            finite_rows.sum().to(torch.float64),
-            (~torch.isfinite(embeddings.detach())).sum().to(torch.float64),
-            norms.sum(),
-            (z * z).sum(),
-        ]
+            torch.ones_like(norms),
+            finite_rows,
+            (~finite).sum(dim=-1, keepdim=True),
+            norms,
+            square_norms,
+            z,
+            unit,
+            unit * unit,
+        ],
+        dim=-1,
     )
-    return torch.cat([scalars, z.sum(dim=0), unit.sum(dim=0), (unit * unit).sum(dim=0)])
+    return per_row.sum(dim=-2)
 
 
 def rank_step_sums(
@@ -190,18 +202,23 @@ def rank_step_sums(
     return torch.cat([(z.T @ z).flatten(), torch.stack(sums), table.flatten()])
 
 
-def step_sums(loss: Tensor, triplet: TripletStatistics | None, embedding_sums: Tensor) -> Tensor:
-    """The step vector: [loss, triplet sums (NaN if unknown), ``embedding_sums(z)``]."""
-    device = embedding_sums.device
-    loss = loss.detach().to(device=device, dtype=torch.float64).reshape(-1).mean()
-    if triplet is None:
-        # Made on the device: a host-to-device copy of pageable memory would synchronise.
-        triplet_values = torch.full(
-            (len(STATISTIC_FIELDS),), torch.nan, dtype=torch.float64, device=device
-        )
-    else:
-        triplet_values = triplet.values.to(device=device, dtype=torch.float64)
-    return torch.cat([loss.reshape(1), triplet_values, embedding_sums])
+def step_vectors(
+    losses: Sequence[Tensor | None],
+    triplets: Sequence[TripletStatistics | None],
+    embedding_sums: Tensor,
+) -> Tensor:
+    """S steps' vectors, (S, step_vector_size(D)) float64: [loss, triplet sums,
+    ``embedding_sums(z)``] each, NaN where the loss or its statistics are unknown.
+
+    ``losses``: S 0-d tensors or None; ``triplets``: S ``TripletStatistics`` or None;
+    ``embedding_sums``: (S, 5 + 3D). A handful of kernels whatever S is.
+    """
+    unknown = embedding_sums.new_full((len(STATISTIC_FIELDS),), torch.nan)
+    loss = torch.stack([unknown[0] if v is None else v.detach() for v in losses])
+    triplet = torch.stack([unknown if t is None else t.values for t in triplets])
+    return torch.cat(
+        [loss.to(embedding_sums)[:, None], triplet.to(embedding_sums), embedding_sums], dim=1
+    )
 
 
 def explicit_triplet_statistics(

@@ -51,6 +51,7 @@ from collapsewatch.adapters import (
     loss_family,
     parse_loss_call,
 )
+from collapsewatch.cadence import DifficultyCadence, DifficultyEvery, check_difficulty_every
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
@@ -60,8 +61,8 @@ from collapsewatch.statistics import (
     embedding_sums,
     explicit_triplet_statistics,
     rank_step_sums,
-    step_sums,
     step_vector_size,
+    step_vectors,
 )
 from collapsewatch.store import (
     Event,
@@ -97,22 +98,42 @@ class _Record:
 
     The embedding part is taken before the loss runs, so a step whose loss raises (e.g. on
     NaN embeddings) is still recorded; the loss and its statistics are added after it.
+    Small embeddings are kept (a copy) and reduced with the rest of their commit by
+    :func:`_step_vectors`; large ones are reduced at once (``EAGER_ELEMENTS``).
     """
 
     step: int
     time: float
     call: LossCall | None
-    embedding_sums: Tensor
+    embeddings: Tensor | None  # (N, D) copy, until reduced
+    sums: Tensor | None  # embedding_sums(embeddings), once reduced
     gram: Tensor | None
     snapshot: tuple[Tensor, Tensor | None] | None
     loss: Tensor | None = None
     triplet: TripletStatistics | None = None
     reduced: Any = None  # the step's pending all_reduce, under DDP
 
-    def vector(self) -> Tensor:
-        """The step vector (see ``statistics.step_sums``), NaN where the loss never ran."""
-        loss = self.loss if self.loss is not None else self.embedding_sums.new_full((), torch.nan)
-        return step_sums(loss, self.triplet, self.embedding_sums)
+
+EAGER_ELEMENTS = 1 << 18
+"""Embeddings with more entries are reduced in their own step: the kernels then cost more
+than launching them, and keeping a commit's worth of them would hold device memory."""
+
+
+def _step_vectors(records: list[_Record]) -> Tensor:
+    """(S, step_vector_size(D)) step vectors (``statistics.step_vectors``) of records on one
+    device, NaN where a loss never ran; the kept embeddings of one shape reduced together."""
+    groups: dict[tuple[Any, ...], list[_Record]] = {}
+    for record in records:
+        if record.sums is None:
+            assert record.embeddings is not None
+            key = (record.embeddings.shape, record.embeddings.dtype)
+            groups.setdefault(key, []).append(record)
+    for group in groups.values():
+        sums = embedding_sums(torch.stack([r.embeddings for r in group]))  # type: ignore[misc]
+        for record, row in zip(group, sums.unbind(), strict=True):
+            record.sums, record.embeddings = row, None
+    sums = torch.stack([r.sums for r in records])  # type: ignore[misc]
+    return step_vectors([r.loss for r in records], [r.triplet for r in records], sums)
 
 
 @dataclass
@@ -168,6 +189,7 @@ class Watcher:
     commit_interval: float
     on_collapse: OnCollapse
     detector: CollapseDetector
+    cadence: DifficultyCadence
     config: Mapping[str, Any] = field(default_factory=dict)
     sinks: list[Sink] = field(default_factory=list)  # log_to= (see collapsewatch.trackers)
     step: int = 0  # loss calls seen so far: the next step's number
@@ -185,6 +207,7 @@ class Watcher:
         self._inside: list[Tensor] = []
         self._in_loss = False
         self._deferred: int | None = None  # a recorded step waiting for the loss to finish
+        self._difficulty = True  # whether the step being recorded counts difficulties
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
@@ -255,6 +278,7 @@ class Watcher:
         if not torch.is_grad_enabled():
             return
         self._act_on_events()
+        self.cadence.loss_called()
         if self._in_loss:
             # The previous call raised before its forward hook ran: what the model produced
             # since then was produced outside any loss call.
@@ -269,8 +293,10 @@ class Watcher:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
                 module.statistics = False
             return
+        self._difficulty = self.cadence.due(step)
         if self._bundled:
             module.statistics = True
+            module.difficulty = self._difficulty
         call = parse_loss_call(args, kwargs)
         if call is None:
             # Unrecognised arguments: maybe the loss runs the model itself. Decide after it
@@ -301,12 +327,19 @@ class Watcher:
             return
         with torch.no_grad():
             record.loss = self._read_loss(output)
-            record.triplet = self._triplet_statistics(record.call)
+            call = record.call
+            record.triplet = self._triplet_statistics(call, self._difficulty)
+            if self.cadence.wants_measurement and call is not None and call.is_labelled:
+                self.cadence.measure(
+                    lambda: self._labelled_statistics(call, with_difficulty=False),
+                    lambda: self._labelled_statistics(call, with_difficulty=True),
+                )
             record.call = None  # do not keep the loss's inputs (and their graph) alive
             if self.world_size > 1:
                 # One collective per recorded step, not waited for here: sums of sufficient
                 # statistics (and the Gram) give the global batch's statistics exactly.
-                parts = [record.vector()] + ([] if record.gram is None else [record.gram])
+                parts = [_step_vectors([record])[0]]
+                parts += [] if record.gram is None else [record.gram]
                 payload = torch.cat(parts)
                 work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, async_op=True)
                 record.reduced = (payload, work)
@@ -322,7 +355,8 @@ class Watcher:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = torch.tensor(float(value), dtype=torch.float64)
         if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
-            return value.detach()
+            # One number per step: the mean of an unreduced (reduction="none") loss.
+            return value.detach() if value.dim() == 0 else value.detach().mean()
         self._warn_once(
             "loss_value",
             f"watch(): cannot read a loss value from {type(self.loss_fn).__name__} ({reason}); "
@@ -375,28 +409,46 @@ class Watcher:
             # A copy: the writer reads it later, after the loop may have reused the memory.
             rows = embeddings[: self.snapshot_size].detach().float().clone()
             snapshot = (rows, None if labels is None else labels[: self.snapshot_size].clone())
-        record = _Record(step, time.time(), call, embedding_sums(embeddings), gram, snapshot)
+        kept, sums = embeddings.detach().clone(), None
+        if embeddings.numel() > EAGER_ELEMENTS:
+            kept, sums = None, embedding_sums(embeddings)
+        record = _Record(step, time.time(), call, kept, sums, gram, snapshot)
         self._records.append(record)
         return record
 
-    def _triplet_statistics(self, call: LossCall | None) -> TripletStatistics | None:
+    def _triplet_statistics(
+        self, call: LossCall | None, difficulty: bool
+    ) -> TripletStatistics | None:
         if self._bundled:
             return self.loss_fn.last_stats
         if call is None:
             return None
+        if call.is_labelled:
+            return self._labelled_statistics(call, with_difficulty=difficulty)
+        return explicit_triplet_statistics(
+            call.anchor, call.positive, call.negative, self._margin_or_any, self.distance.distance
+        )
+
+    def _labelled_statistics(self, call: LossCall, with_difficulty: bool) -> TripletStatistics:
+        """A foreign loss's statistics of an (embeddings, labels) call; also what the
+        difficulty interval is timed with."""
+        embeddings = call.embeddings
+        assert embeddings is not None and call.labels is not None
+        if self.distance.normalize:
+            embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        return triplet_statistics(
+            embeddings,
+            call.labels,
+            self._margin_or_any,
+            distance=self.distance.distance,
+            with_difficulty=with_difficulty,
+        )
+
+    @property
+    def _margin_or_any(self) -> float:
         # Without a margin any m will do: derive_metrics keeps only the columns that do not
         # depend on it (frac_hard, hardest-pair means, distances).
-        margin = 1.0 if self.margin is None else self.margin
-        if call.is_labelled:
-            embeddings = call.embeddings
-            if self.distance.normalize:
-                embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
-            return triplet_statistics(
-                embeddings, call.labels, margin, distance=self.distance.distance
-            )
-        return explicit_triplet_statistics(
-            call.anchor, call.positive, call.negative, margin, self.distance.distance
-        )
+        return 1.0 if self.margin is None else self.margin
 
     @staticmethod
     def _due(step: int, last: int | None, every: int) -> bool:
@@ -422,21 +474,21 @@ class Watcher:
         if not records:
             return
         size = step_vector_size(self._dim or 0)
-        vectors, grams = [], {}
-        for i, record in enumerate(records):
-            if record.reduced is not None:
+        grams = {}
+        if self.world_size > 1:
+            vectors = []
+            for i, record in enumerate(records):
                 payload, work = record.reduced
                 work.wait()  # on NCCL this orders streams; the host does not wait
                 vectors.append(payload[:size])
                 if record.gram is not None:
                     grams[i] = payload[size:]
-            else:
-                vectors.append(record.vector())
-                if record.gram is not None:
-                    grams[i] = record.gram
-        if self.rank != 0:
-            return
-        stacked = torch.stack(vectors)
+            if self.rank != 0:
+                return
+            stacked = torch.stack(vectors)
+        else:
+            stacked = _step_vectors(records)
+            grams = {i: r.gram for i, r in enumerate(records) if r.gram is not None}
         batch = _Batch(
             steps=[r.step for r in records],
             times=[r.time for r in records],
@@ -495,7 +547,14 @@ class Watcher:
             self._writer.add_snapshot(
                 batch.steps[i], embeddings.numpy(), None if labels is None else labels.numpy()
             )
-        self._writer.set_metadata({"embedding_dim": self._dim, "state": self.detector.state})
+        self._writer.set_metadata(
+            {
+                "embedding_dim": self._dim,
+                "state": self.detector.state,
+                "difficulty_every": self.cadence.interval,
+                "difficulty_timing": self.cadence.measured,
+            }
+        )
         self._writer.commit()
         self.latest_metrics = frame.iloc[-1].to_dict()
         if self.sinks:
@@ -565,6 +624,7 @@ class Watcher:
             "collapsewatch_version": __version__,
             "config": dict(self.config),
             "every": self.every,
+            "overhead": self.cadence.overhead,
             "rank_every": self.rank_every,
             "detector": dataclasses.asdict(self.detector.config),
             "log_to": [sink.kind for sink in self.sinks],
@@ -579,6 +639,7 @@ class Watcher:
             handle.remove()
         if self._bundled:
             self.loss_fn.statistics = self._original_statistics
+            self.loss_fn.difficulty = True
         self.flush()
         if self._thread is not None:
             self._queue.put(None)
@@ -680,6 +741,11 @@ def _shutdown() -> None:
         dashboard.process.terminate()
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
 def _claim_run_name(path: Path, resume: bool) -> bool:
     """Whether to resume ``path``: True if it exists and ``resume``; an existing run that
     never recorded a step and is not running is removed; any other existing run raises."""
@@ -730,6 +796,8 @@ def watch(
     detector: DetectorConfig | None = None,
     dashboard: bool | int = False,
     log_to: Any = None,
+    difficulty_every: DifficultyEvery = "auto",
+    overhead: float = 0.03,
 ) -> Watcher:
     """Attach collapse monitoring to ``model`` and ``loss_fn``; returns the :class:`Watcher`.
 
@@ -779,6 +847,12 @@ def watch(
             and snapshots to a ``SummaryWriter``, a W&B run, an MLflow run (or the ``mlflow``
             module), a callable ``(metrics, step)``, or a list of these; written from the
             background thread after each commit. See docs/trackers.md.
+        difficulty_every: count easy / semi-hard / hard triplets (a sort of every anchor's
+            row, the one costly statistic) at most every k steps, NaN in between; "auto"
+            picks k from a timing of the first steps so that they cost at most
+            ``overhead`` of the step time (10 under torch.distributed). The k chosen is in
+            the run's metadata. See collapsewatch.cadence.
+        overhead: the share of the step time the difficulty counts may take ("auto").
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -797,6 +871,7 @@ def watch(
     }.items():
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{option} must be an integer ≥ 0, got {value!r}")
+    check_difficulty_every(difficulty_every, overhead)
     if not (commit_interval > 0):
         raise ValueError(f"commit_interval must be > 0 seconds, got {commit_interval!r}")
     if on_collapse not in ("warn", "raise", "ignore") and not callable(on_collapse):
@@ -842,6 +917,9 @@ def watch(
         commit_every=commit_every,
         commit_interval=float(commit_interval),
         on_collapse=on_collapse,
+        cadence=DifficultyCadence(
+            difficulty_every, overhead, _device_of(model), distributed=world_size > 1
+        ),
         detector=CollapseDetector(
             detector or DetectorConfig(), advice=collapse_advice(loss_family(loss_fn))
         ),

@@ -32,7 +32,8 @@ def _ddp_worker(rank, tmp):
         model = torch.nn.parallel.DistributedDataParallel(DigitsEmbedder(8))
         loss_fn = cw.losses.BatchHardTripletLoss()
         x, y = _rank_batch(rank)
-        with cw.watch(model, loss_fn, logdir=f"{tmp}/runs", rank_every=1) as w:
+        # difficulty_every=1: under DDP "auto" counts every 10th step, and every row is checked.
+        with cw.watch(model, loss_fn, logdir=f"{tmp}/runs", rank_every=1, difficulty_every=1) as w:
             for _ in range(3):
                 loss_fn(model(x), y).backward()  # no optimiser step: embeddings stay known
         with torch.no_grad():

@@ -19,7 +19,7 @@ from collapsewatch.statistics import (
     healthy_std_of_l2_normalized,
     rank_step_size,
     rank_step_sums,
-    step_sums,
+    step_vectors,
 )
 from tests import reference
 
@@ -56,7 +56,7 @@ def rankme(z: torch.Tensor) -> float:
 def test_every_column_matches_a_direct_computation():
     z, labels = known_batch()
     loss, stats = functional.batch_hard_triplet_loss(z, labels, 0.3, return_statistics=True)
-    vector = step_sums(loss, stats, embedding_sums(z))
+    vector = step_vectors([loss], [stats], embedding_sums(z)[None])[0]
     m = derive([vector], dim=6, rank_sums={0: rank_step_sums(z, labels).numpy()})
     want = reference.statistics(z, labels, 0.3, "batch_hard", False, "euclidean")
     direct = {
@@ -103,7 +103,7 @@ def test_sums_of_two_halves_describe_the_whole_batch():
     vectors, rank_vectors = [], []
     for part, part_labels in halves:
         loss, stats = functional.batch_all_triplet_loss(part, part_labels, return_statistics=True)
-        vectors.append(step_sums(loss, stats, embedding_sums(part)))
+        vectors.append(step_vectors([loss], [stats], embedding_sums(part)[None])[0])
         rank_vectors.append(rank_step_sums(part, part_labels))
     m = derive(
         [vectors[0] + vectors[1]],
@@ -126,7 +126,7 @@ def test_non_finite_rows_are_counted_and_left_out():
     bad = z.clone()
     bad[3, 1] = float("nan")
     bad[7] = float("inf")
-    vector = step_sums(torch.tensor(0.1), None, embedding_sums(bad))
+    vector = step_vectors([torch.tensor(0.1)], [None], embedding_sums(bad)[None])[0]
     m = derive([vector], dim=4, rank_sums={0: rank_step_sums(bad, None).numpy()})
     finite = z[[i for i in range(10) if i not in (3, 7)]]
     assert m["nonfinite_count"][0] == 5
@@ -141,7 +141,10 @@ def test_single_row_and_collapsed_batches_are_defined():
     one = torch.randn(1, 8, dtype=torch.float64)
     same = torch.ones(16, 8, dtype=torch.float64) * 3
     m = derive(
-        [step_sums(torch.tensor(0.2), None, embedding_sums(b)) for b in (one, same)],
+        [
+            step_vectors([torch.tensor(0.2)], [None], embedding_sums(b)[None])[0]
+            for b in (one, same)
+        ],
         dim=8,
         rank_sums={1: rank_step_sums(same, None).numpy()},
     )
@@ -215,7 +218,7 @@ def uniformity(z: torch.Tensor) -> float:
 
 def geometry(z, labels, **kwargs):
     """The label-aware columns of one step (rank step) of ``z``."""
-    vector = step_sums(torch.tensor(0.1), None, embedding_sums(z))
+    vector = step_vectors([torch.tensor(0.1)], [None], embedding_sums(z)[None])[0]
     m = derive([vector], dim=z.shape[1], rank_sums={0: rank_step_sums(z, labels, **kwargs).numpy()})
     return {name: m[name][0] for name in LABEL_COLUMNS}
 
@@ -244,7 +247,9 @@ def test_rank_step_sums_of_two_halves_describe_the_whole_batch():
     # Gram and class table: the global batch exactly.
     gram_and_table = torch.cat([torch.arange(16), torch.arange(20, len(whole))])
     assert torch.allclose(summed[gram_and_table], whole[gram_and_table], rtol=1e-12, atol=1e-12)
-    vectors = sum(step_sums(torch.tensor(0.1), None, embedding_sums(p)) for p, _ in halves)
+    vectors = sum(
+        step_vectors([torch.tensor(0.1)], [None], embedding_sums(p)[None])[0] for p, _ in halves
+    )
     m = derive([vectors], dim=4, rank_sums={0: summed.numpy()})
     assert m["num_classes"][0] == len(set(labels.tolist()))
     assert m["within_class_variance_ratio"][0] == pytest.approx(within_over_total(z, labels))

@@ -10,6 +10,7 @@ NaN without a warning that says why.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import warnings
@@ -241,7 +242,13 @@ def test_pml_ntxent_is_watched_without_a_margin(tmp_path):
     assert_same_onset(collapsing, bundled)
     metrics, run = collapsing.metrics, cw.load_run(collapsing.path)
     assert run.metadata["margin"] is None and run.metadata["distance"] == "cosine"
-    assert metrics["loss_margin_ratio"].isna().all() and metrics["frac_hard"].notna().all()
+    assert metrics["loss_margin_ratio"].isna().all()
+    # frac_hard needs no margin: known on every step the difficulty interval picks.
+    known = metrics.loc[metrics["frac_hard"].notna(), "step"].tolist()
+    interval = run.metadata["difficulty_every"]
+    assert known[:8] == list(range(8)) and all(
+        b - a >= interval for a, b in itertools.pairwise(known[8:])
+    )
     for event in collapsing.verdict.events:  # never a margin that the loss does not have
         assert "margin" not in event.message.replace("no margin", "")
         assert "scaled=True" not in event.suggestion

@@ -27,6 +27,8 @@ class TripletLoss(torch.nn.Module):
         check_finite: reject NaN/inf embeddings with a ``ValueError`` naming the rows. Off
             by default: on a GPU it reads one flag back per call, and ``watch()`` already
             counts non-finite entries on the device (``nonfinite_count``).
+        difficulty: with ``statistics``, also count easy / semi-hard / hard triplets (else
+            NaN); ``watch()`` sets it on the steps its difficulty interval picks.
         last_stats: the statistics of the latest call (device tensors), or None.
     """
 
@@ -46,6 +48,9 @@ class TripletLoss(torch.nn.Module):
         self.scaled = bool(scaled)
         self.distance: Distance = check_distance(distance)
         self.statistics = bool(statistics)
+        # Set by watch() per recorded step: the easy / semi-hard / hard counts sort every
+        # anchor's row, the only statistic that costs more than the loss itself.
+        self.difficulty = True
         self.check_finite = bool(check_finite)
         self.last_stats: TripletStatistics | None = None
 
@@ -59,6 +64,7 @@ class TripletLoss(torch.nn.Module):
             scaled=self.scaled,
             distance=self.distance,
             with_statistics=self.statistics,
+            with_difficulty=self.difficulty,
             check_finite=self.check_finite,
         )
         return loss

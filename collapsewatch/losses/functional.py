@@ -399,8 +399,15 @@ class _Batch:
         return TripletStatistics(values)
 
 
+def _unknown_counts(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(num_easy, num_semihard, num_hard) when they were not computed: NaN, so the
+    fractions read back as unknown rather than as 0."""
+    nan = torch.full((), torch.nan, dtype=torch.float64, device=device)
+    return nan, nan, nan
+
+
 def _batch_hard(
-    batch: _Batch, margin: float, scaled: bool, with_statistics: bool
+    batch: _Batch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
     distances = batch.distances
     hardest_positive = _hardest_positive(distances, batch.positive, batch.valid_anchor)
@@ -413,10 +420,15 @@ def _batch_hard(
     if not with_statistics:
         return loss, None
     # The difficulty counts range over all valid triplets, not only the hardest ones, which
-    # takes two row sorts: batch-hard pays for them only when statistics are asked for.
+    # takes two row sorts: batch-hard pays for them only when they are asked for.
     with torch.no_grad():
+        counts = (
+            batch.difficulty_counts(margin)
+            if with_difficulty
+            else _unknown_counts(distances.device)
+        )
         stats = batch.statistics(
-            batch.difficulty_counts(margin),
+            counts,
             num_loss_terms=batch.num_valid_anchors,
             num_positive_loss=(per_anchor > 0).sum(),
             hardest_positive=hardest_positive,
@@ -426,7 +438,7 @@ def _batch_hard(
 
 
 def _batch_all(
-    batch: _Batch, margin: float, scaled: bool, with_statistics: bool
+    batch: _Batch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
     distances = batch.distances
     hardest_negative = None
@@ -453,7 +465,11 @@ def _batch_all(
         return loss, None
     with torch.no_grad():
         # Unscaled, the loss's own threshold d_ap + m is the semi-hard boundary.
-        counts = batch.difficulty_counts(margin, below_margin=None if scaled else num_positive_loss)
+        if with_difficulty:
+            below_margin = None if scaled else num_positive_loss
+            counts = batch.difficulty_counts(margin, below_margin=below_margin)
+        else:
+            counts = _unknown_counts(distances.device)
         stats = batch.statistics(
             counts,
             num_loss_terms=batch.num_valid_triplets,
@@ -477,13 +493,16 @@ def triplet_loss(
     scaled: bool = False,
     distance: Distance = "euclidean",
     with_statistics: bool = False,
+    with_difficulty: bool = True,
     check_finite: bool = False,
 ) -> tuple[Tensor, TripletStatistics | None]:
     """The pipeline both losses share: check inputs → distances → mining reduction.
 
     Returns the scalar loss (float32, or float64 for float64 input) and, if asked, its
-    ``TripletStatistics``. Batches with no valid triplet (N < 2, one class, all labels
-    distinct) give a loss of exactly 0 that is still attached to the graph.
+    ``TripletStatistics``; without ``with_difficulty`` their easy / semi-hard / hard counts
+    (the one part that sorts every anchor's row) are NaN. Batches with no valid triplet
+    (N < 2, one class, all labels distinct) give a loss of exactly 0 that is still attached
+    to the graph.
     """
     check_inputs(embeddings, labels, check_finite=check_finite)
     margin = check_margin(margin)
@@ -491,7 +510,8 @@ def triplet_loss(
     reduction = _REDUCTIONS[mining]
     if embeddings.shape[0] < 2:
         return _empty_batch(embeddings, with_statistics)
-    return reduction(_Batch.build(embeddings, labels, distance), margin, scaled, with_statistics)
+    batch = _Batch.build(embeddings, labels, distance)
+    return reduction(batch, margin, scaled, with_statistics, with_difficulty)
 
 
 def _empty_batch(
@@ -650,13 +670,15 @@ def triplet_statistics(
     margin: float,
     *,
     distance: Distance = "euclidean",
+    with_difficulty: bool = True,
 ) -> TripletStatistics:
     """Difficulty statistics of a labelled (N, D) batch for a loss whose mining is unknown.
 
     The statistics of batch-all, without its loss: ``num_loss_terms`` is every valid
     triplet and ``num_positive_loss`` those with d_an < d_ap + m. Difficulty counts are
-    estimated above ``STATISTICS_ANCHORS`` anchors, as for the bundled losses. No gradient
-    is recorded, no host sync.
+    estimated above ``STATISTICS_ANCHORS`` anchors, as for the bundled losses; without
+    ``with_difficulty`` they (and ``num_positive_loss``) are NaN. No gradient is
+    recorded, no host sync.
     """
     check_inputs(embeddings, labels)
     margin = check_margin(margin)
@@ -665,7 +687,10 @@ def triplet_statistics(
         if embeddings.shape[0] < 2:
             return _empty_batch(embeddings, with_statistics=True)[1]  # type: ignore[return-value]
         batch = _Batch.build(embeddings.detach(), labels, distance)
-        easy, semihard, hard = batch.difficulty_counts(margin)
+        if with_difficulty:
+            easy, semihard, hard = batch.difficulty_counts(margin)
+        else:
+            easy, semihard, hard = _unknown_counts(embeddings.device)
         return batch.statistics(
             (easy, semihard, hard),
             num_loss_terms=batch.num_valid_triplets,

@@ -85,6 +85,16 @@ def parse_loss_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LossCal
 
 SOFT_MARGIN_ATTRIBUTES = ("smooth_loss", "soft_margin")
 MARGIN_ATTRIBUTES = ("margin", "triplet_margin")
+ANGULAR_MARGIN_LOSSES = frozenset(
+    {
+        "ArcFaceLoss",
+        "SubCenterArcFaceLoss",
+        "CosFaceLoss",
+        "SphereFaceLoss",
+        "LargeMarginSoftmaxLoss",
+    }
+)
+"""pytorch-metric-learning losses whose ``margin`` is not a distance margin."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,9 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
     """
     soft = is_soft_margin(loss_fn)
     name = type(loss_fn).__name__
+    if margin is None and name in ANGULAR_MARGIN_LOSSES:
+        # Their margin is an angle or a cosine offset on class logits, not a distance.
+        return MarginSpec(None, None, "")
     if margin is not None:
         found, source = _number(margin), "margin="
         if found is None:

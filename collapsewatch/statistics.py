@@ -86,6 +86,10 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "num_valid_triplets",
 )
 
+LABEL_COLUMNS: tuple[str, ...] = ("num_classes", "within_class_variance_ratio", "alignment")
+"""Columns that need the labels of the rows: NaN for calls without them (explicit
+(anchor, positive, negative) triplets, unrecognised arguments)."""
+
 MARGIN_RELATIVE: tuple[str, ...] = ("frac_easy", "frac_semihard", "frac_positive_loss")
 """Columns defined through the margin m: NaN for a margin-free loss (frac_hard, d_an < d_ap,
 needs none)."""

@@ -57,6 +57,8 @@ from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
 from collapsewatch.statistics import (
+    LABEL_COLUMNS,
+    MARGIN_RELATIVE,
     derive_metrics,
     embedding_sums,
     explicit_triplet_statistics,
@@ -394,7 +396,15 @@ class Watcher:
             self._warn_once(
                 "signature",
                 f"watch(): cannot read the arguments of {type(self.loss_fn).__name__}; "
-                "recording embedding statistics only (no triplet difficulty)",
+                "recording embedding statistics only (no triplet difficulty, and no "
+                f"{', '.join(LABEL_COLUMNS)}: no labels)",
+            )
+        elif not call.is_labelled:
+            self._warn_once(
+                "labels",
+                f"watch(): {type(self.loss_fn).__name__} is called with (anchor, positive, "
+                f"negative) and no labels: {', '.join(LABEL_COLUMNS)} are NaN and dimensional "
+                "collapse is judged against the embedding dimension, not the classes",
             )
         labels = call.labels if call is not None else None
         if labels is not None and labels.shape[0] != embeddings.shape[0]:
@@ -880,13 +890,19 @@ def watch(
         )
     sinks = make_sinks(log_to)
     margin_spec = find_margin(loss_fn, margin)
-    if margin_spec.plateau is None:
+    if margin_spec.margin is None:
+        if margin_spec.plateau is None:
+            judged = (
+                "the plateau rule and loss_margin_ratio are off (NaN) and collapse is judged "
+                "from the contraction of the embeddings against the run's own peak"
+            )
+        else:
+            judged = f"the plateau is checked at its soft-margin level {margin_spec.plateau:.4g}"
         warnings.warn(
             f"watch(): {type(loss_fn).__name__} has no margin (looked for margin, "
-            "triplet_margin, neg_margin): the plateau rule and the margin-relative columns "
-            "(loss_margin_ratio, frac_easy, frac_semihard, frac_positive_loss) are off (NaN); "
-            "collapse is judged from the contraction of the embeddings against the run's own "
-            "peak. Pass margin= if the loss has one under another name.",
+            f"triplet_margin, neg_margin): the margin-relative columns "
+            f"({', '.join(MARGIN_RELATIVE)}) are NaN; {judged}. Pass margin= if the loss has "
+            "one under another name.",
             RuntimeWarning,
             stacklevel=2,
         )

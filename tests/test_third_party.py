@@ -25,7 +25,7 @@ import collapsewatch as cw
 from collapsewatch.cli import main as cli_main
 from collapsewatch.demo import DigitsEmbedder, load_digits_tensors
 from collapsewatch.losses import functional
-from collapsewatch.statistics import MARGIN_RELATIVE
+from collapsewatch.statistics import LABEL_COLUMNS, MARGIN_RELATIVE
 from tests import reference
 from tests.siamese_triplet import (
     HardestNegativeTripletSelector,
@@ -114,7 +114,13 @@ def assert_nan_columns_explained(trained: Trained) -> None:
     explanations = {
         "no margin": {"margin", "loss_margin_ratio", *MARGIN_RELATIVE},
         "cannot read a loss value": {"loss", "loss_margin_ratio"},
-        "embedding statistics only": {*TRIPLET_COLUMNS, *MARGIN_RELATIVE, "num_valid_triplets"},
+        "embedding statistics only": {
+            *TRIPLET_COLUMNS,
+            *MARGIN_RELATIVE,
+            *LABEL_COLUMNS,
+            "num_valid_triplets",
+        },
+        "and no labels": set(LABEL_COLUMNS),
     }
     allowed = set().union(*(cols for key, cols in explanations.items() if key in said))
     metrics = trained.metrics
@@ -435,3 +441,43 @@ def test_soft_margin_plateau_is_ln2():
     collapsed = SoftMarginBatchHard()(torch.zeros(8, 4), torch.arange(8) % 2)
     assert spec.margin is None and spec.plateau == pytest.approx(collapsed.item())
     assert spec.plateau == pytest.approx(math.log(2))
+
+
+def triplet_net_step(loss_fn):
+    def step(net, x, y):
+        # TripletNet-style: three model calls, (anchor, positive, negative) to the loss; the
+        # positive is the next sample of the anchor's class, the negative the next class's.
+        per_class = len(y) // 10
+        anchor = torch.arange(len(y))
+        positive = (anchor // per_class) * per_class + (anchor + 1) % per_class
+        negative = (anchor + per_class) % len(y)
+        return loss_fn(net(x[anchor]), net(x[positive]), net(x[negative]))
+
+    return step
+
+
+def test_triplet_net_loop_says_which_columns_need_labels(tmp_path):
+    loss_fn = torch.nn.TripletMarginLoss(margin=0.2)
+    run = train(tmp_path, "tripletnet", loss_fn, triplet_net_step(loss_fn), lr=0.05, steps=12,
+                per_class=4)  # fmt: skip
+    assert (
+        len(run.warnings) == 1 and "(anchor, positive, negative) and no labels" in run.warnings[0]
+    )
+    metrics = run.metrics
+    assert metrics[list(LABEL_COLUMNS)].isna().all().all()  # said, and explained
+    assert metrics["batch_size"].eq(3 * 40).all() and metrics["frac_hard"].notna().all()
+    assert metrics["loss"].tolist() == pytest.approx(run.losses, rel=1e-6)
+
+
+def test_soft_margin_and_angular_margin_losses_say_what_they_lack(tmp_path):
+    from pytorch_metric_learning import losses
+
+    class BatchHardSoftMarginTripletLoss(torch.nn.Module):
+        triplet_margin = 5.0  # inherited in sentence-transformers, and unused
+
+    with pytest.warns(RuntimeWarning, match=r"no margin.*soft-margin level 0\.6931") as caught:
+        cw.watch(DigitsEmbedder(), BatchHardSoftMarginTripletLoss(), logdir=tmp_path).close()
+    assert "loss_margin_ratio" not in str(caught[0].message).split("are NaN")[0]
+    arcface = losses.ArcFaceLoss(num_classes=10, embedding_size=32)  # margin: an angle
+    spec = cw.adapters.find_margin(arcface, None)
+    assert spec.margin is None and spec.plateau is None

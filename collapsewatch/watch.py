@@ -546,7 +546,10 @@ class Watcher:
         )
         frame = pd.DataFrame(columns)
         events: list[Event] = []
-        for row in frame.to_dict("records"):
+        # Rows as plain dicts straight from the arrays: DataFrame.to_dict is many times slower,
+        # and this thread shares the interpreter with the training loop.
+        values = zip(*(column.tolist() for column in columns.values()), strict=True)
+        for row in (dict(zip(columns, row_values, strict=True)) for row_values in values):
             for event in self.detector.update(row):
                 events.append(event)
                 if event.kind == COLLAPSED:

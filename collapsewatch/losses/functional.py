@@ -383,17 +383,20 @@ class _Batch:
     ) -> TripletStatistics:
         d = self.distances.detach()
         n = d.shape[0]
+        num_pairs = torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device)
+        # One kernel: stack promotes every entry to float64 (num_pairs is), so the integer
+        # counts stay exact up to 2⁵³; converting each first would be eleven more kernels.
         values = torch.stack(
             [
-                self.num_valid_triplets.to(torch.float64),
-                self.num_valid_anchors.to(torch.float64),
-                *(c.to(torch.float64) for c in counts),
-                num_loss_terms.to(torch.float64),
-                num_positive_loss.to(torch.float64),
-                hardest_positive.detach().sum().to(torch.float64),
-                hardest_negative.detach().sum().to(torch.float64),
-                torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
-                (d.sum() - d.diagonal().sum()).to(torch.float64),
+                self.num_valid_triplets,
+                self.num_valid_anchors,
+                *counts,
+                num_loss_terms,
+                num_positive_loss,
+                hardest_positive.detach().sum(),
+                hardest_negative.detach().sum(),
+                num_pairs,
+                d.sum() - d.diagonal().sum(),
             ]
         )
         return TripletStatistics(values)

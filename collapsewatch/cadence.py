@@ -145,6 +145,7 @@ class DifficultyCadence:
         counts = max(full - plain, 0.0)
         # The calibration steps counted difficulties: take that cost out of their gaps.
         step = max(statistics.median(gaps) - counts, 1e-9)  # type: ignore[type-var]
-        wanted = math.ceil(counts / (self.overhead * step))
+        # Rounded first, so that timings at the budget exactly give that interval.
+        wanted = math.ceil(round(counts / (self.overhead * step), 9))
         self.interval = min(max(wanted, 1), MAX_INTERVAL)
         self.measured = {"difficulty_seconds": counts, "step_seconds": step}

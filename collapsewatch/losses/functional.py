@@ -679,9 +679,10 @@ def triplet_statistics(
 
     The statistics of batch-all, without its loss: ``num_loss_terms`` is every valid
     triplet and ``num_positive_loss`` those with d_an < d_ap + m. Difficulty counts are
-    estimated above ``STATISTICS_ANCHORS`` anchors, as for the bundled losses; without
-    ``with_difficulty`` they (and ``num_positive_loss``) are NaN. No gradient is
-    recorded, no host sync.
+    estimated above ``STATISTICS_ANCHORS`` anchors, as for the bundled losses. Without
+    ``with_difficulty`` only the counts of valid triplets and anchors and the pairwise
+    distance sum are computed (what the detector reads every step); the per-anchor fields
+    are NaN. No gradient is recorded, no host sync.
     """
     check_inputs(embeddings, labels)
     margin = check_margin(margin)
@@ -689,11 +690,10 @@ def triplet_statistics(
     with torch.no_grad():
         if embeddings.shape[0] < 2:
             return _empty_batch(embeddings, with_statistics=True)[1]  # type: ignore[return-value]
+        if not with_difficulty:
+            return _spread_statistics(embeddings.detach(), labels, distance)
         batch = _Batch.build(embeddings.detach(), labels, distance)
-        if with_difficulty:
-            easy, semihard, hard = batch.difficulty_counts(margin)
-        else:
-            easy, semihard, hard = _unknown_counts(embeddings.device)
+        easy, semihard, hard = batch.difficulty_counts(margin)
         return batch.statistics(
             (easy, semihard, hard),
             num_loss_terms=batch.num_valid_triplets,
@@ -701,3 +701,31 @@ def triplet_statistics(
             hardest_positive=_hardest_positive(batch.distances, batch.positive, batch.valid_anchor),
             hardest_negative=_hardest_negative(batch.distances, batch.negative, batch.valid_anchor),
         )
+
+
+def _spread_statistics(embeddings: Tensor, labels: Tensor, distance: Distance) -> TripletStatistics:
+    """The statistics every step needs, of an (N, D) batch: the valid triplet and anchor
+    counts and the pairwise distance sum; the per-anchor ones (difficulty counts,
+    hardest-pair sums, positive-loss count) NaN. A handful of kernels, no N×N masks."""
+    n = labels.shape[0]
+    d = pairwise_distances(embeddings, distance)
+    class_size = _class_sizes(labels)
+    num_positives, num_negatives = class_size - 1, n - class_size
+    nan = torch.full((), torch.nan, dtype=torch.float64, device=d.device)
+    num_triplets = (num_positives * num_negatives).sum()
+    values = torch.stack(
+        [
+            num_triplets,
+            ((num_positives > 0) & (num_negatives > 0)).sum(),
+            nan,
+            nan,
+            nan,
+            num_triplets,
+            nan,
+            nan,
+            nan,
+            torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
+            d.sum() - d.diagonal().sum(),
+        ]
+    )
+    return TripletStatistics(values)

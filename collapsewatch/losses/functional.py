@@ -44,7 +44,7 @@ from collapsewatch.losses.distances import Distance, check_distance, pairwise_di
 SCALE_FLOOR = 1e-12
 """Lower bound of the scaled variant's divisor S (its square is still a normal float32)."""
 
-STATISTICS_ANCHORS = 256
+STATISTICS_ANCHORS = 1024
 """Difficulty counts are exact up to this many anchors; a larger batch's are estimated from
 this many anchors drawn uniformly without replacement (see docs/losses.md)."""
 

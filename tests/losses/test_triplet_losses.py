@@ -439,6 +439,8 @@ def per_anchor_counts(x, labels, margin):
 def test_large_batches_count_a_sample_of_anchors_exactly(mining, monkeypatch):
     # Above STATISTICS_ANCHORS the fractions are exactly those of the sampled anchors'
     # triplets, the counts are rescaled to the batch's triplets, everything else is exact.
+    # A small sample keeps the explicit O(N³) reference quick; the arithmetic is the same.
+    monkeypatch.setattr(functional, "STATISTICS_ANCHORS", 256)
     n = functional.STATISTICS_ANCHORS + 44
     x, labels = random_batch(44, n, 6, 5)
     functional._SAMPLERS.clear()
@@ -472,8 +474,9 @@ def test_large_batches_count_a_sample_of_anchors_exactly(mining, monkeypatch):
 @pytest.mark.parametrize("mining", [*MININGS, "foreign"])
 def test_estimated_fractions_on_a_real_batch_of_2048(mining, monkeypatch):
     # An untrained digits embedder's embeddings, 2048 digits (with repeats), 10 classes.
-    # The measured error of 256 sampled anchors here: rms 0.005–0.012 (docs/losses.md);
-    # 0.03 is 2.5–6 of those, and the exact-sample test above pins the arithmetic.
+    # The measured error of 1024 sampled anchors here over 300 draws: rms ≤ 0.0033, 99th
+    # percentile ≤ 0.009, largest 0.011 (docs/losses.md); the exact-sample test above pins
+    # the arithmetic.
     from collapsewatch.demo import DigitsEmbedder, load_digits_tensors
 
     images, digits = load_digits_tensors()
@@ -494,7 +497,7 @@ def test_estimated_fractions_on_a_real_batch_of_2048(mining, monkeypatch):
     monkeypatch.setattr(functional, "STATISTICS_ANCHORS", 2048)
     exact = fractions()
     assert (exact > 0.1).all()  # a batch with every kind of triplet
-    assert (estimate - exact).abs().max().item() <= 0.03
+    assert (estimate - exact).abs().max().item() <= 0.01
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

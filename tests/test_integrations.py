@@ -108,34 +108,27 @@ def test_lightning_callback(tmp_path):
     data = torch.utils.data.TensorDataset(images[:512], labels[:512])
     loader = torch.utils.data.DataLoader(data, batch_size=64)
     callback = CollapseWatchCallback("loss_fn", run="lightning", every=2)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2,
-    )
-    trainer.fit(Module(), loader, loader)
+
+    def trainer(**options):
+        return pl.Trainer(
+            max_epochs=1,
+            default_root_dir=tmp_path,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **options,
+        )
+
+    trainer(limit_val_batches=2).fit(Module(), loader, loader)
     assert callback.path == tmp_path / "collapsewatch" / "lightning.cwrun"
     run = cw.load_run(callback.path)
     assert list(run.metrics["step"]) == [0, 2, 4, 6]  # 8 training steps; validation is not
     assert run.metadata["status"] == "finished" and run.metadata["model_class"] == "Module"
     # A second fit() with the same callback (a new Trainer, as in fine-tuning) continues the
     # run instead of failing on the taken name.
-    second = pl.Trainer(
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    second.fit(Module(), loader)
+    trainer(limit_val_batches=0).fit(Module(), loader)
     run = cw.load_run(callback.path)
     assert list(run.metrics["step"]) == [0, 2, 4, 6, 8, 10, 12, 14]
     assert run.metadata["status"] == "finished" and len(run.metadata["resumed"]) == 1

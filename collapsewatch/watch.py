@@ -219,7 +219,10 @@ class Watcher:
         self._actions: deque[Event] = deque()
         self._writer_errors: deque[BaseException] = deque()
         self._bundled = isinstance(self.loss_fn, TripletLoss)
-        self._original_statistics = self.loss_fn.statistics if self._bundled else None
+        # What close() puts back: watch() switches both per recorded step.
+        self._original_switches = (
+            (self.loss_fn.statistics, self.loss_fn.difficulty) if self._bundled else None
+        )
         self._writer: RunWriter | None = None
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         # The last row written to the run (rank 0), for integrations that report it.
@@ -651,8 +654,7 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         if self._bundled:
-            self.loss_fn.statistics = self._original_statistics
-            self.loss_fn.difficulty = True
+            self.loss_fn.statistics, self.loss_fn.difficulty = self._original_switches
         self.flush()
         if self._thread is not None:
             self._queue.put(None)

@@ -218,7 +218,10 @@ def step_vectors(
     ``embedding_sums``: (S, 5 + 3D). A handful of kernels whatever S is.
     """
     unknown = embedding_sums.new_full((len(STATISTIC_FIELDS),), torch.nan)
-    loss = torch.stack([unknown[0] if v is None else v.detach() for v in losses])
+    # A loss read as a Python number (loss_value=) is a CPU tensor: moved, it syncs nothing
+    # its float() had not already synced.
+    device = embedding_sums.device
+    loss = torch.stack([unknown[0] if v is None else v.detach().to(device) for v in losses])
     triplet = torch.stack([unknown if t is None else t.values for t in triplets])
     return torch.cat(
         [loss.to(embedding_sums)[:, None], triplet.to(embedding_sums), embedding_sums], dim=1

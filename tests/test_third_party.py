@@ -379,6 +379,10 @@ def test_an_unreadable_loss_value_warns_and_collapse_is_still_judged(tmp_path):
     assert blind.verdict.state == "collapsed"  # from the contraction of the embeddings
     assert "not checked" in blind.verdict.events[-1].message
     picked = train(tmp_path, "picked", loss_fn, step, loss_value=lambda out: out.value, **options)
+    as_number = train(tmp_path, "number", loss_fn, step, loss_value=lambda out: out.value.item(),
+                      lr=0.05, steps=3, per_class=4)  # fmt: skip
+    assert as_number.warnings == []
+    assert as_number.metrics["loss"].tolist() == pytest.approx(as_number.losses, rel=1e-6)
     assert picked.warnings == []
     assert picked.metrics["loss"].tolist() == pytest.approx(picked.losses, rel=1e-6)
     assert picked.verdict.state == "collapsed"

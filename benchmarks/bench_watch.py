@@ -11,10 +11,11 @@ plain variant of the same run:
 
 * ``plain``: the loss alone (bundled: ``statistics=False``, the default);
 * ``stats on``: the bundled loss computing its statistics on every call, unwatched;
-* ``watched``: ``watch()`` at its defaults (every step recorded; difficulty counts at the
-  interval "auto" chooses, shown in the last column);
-* ``watched, counts every step``: ``difficulty_every=1``, every statistic on every step;
-* ``watched, every=K``: recording every K-th step.
+* ``watched``: ``watch()`` at its defaults: recording and difficulty intervals chosen by
+  ``"auto"`` for ``overhead=0.03`` (shown in the last two columns);
+* ``watched, every=1``: every step recorded, difficulty counts at the "auto" interval;
+* ``watched, counts every step``: ``every=1, difficulty_every=1``, every statistic on
+  every step.
 
     python benchmarks/bench_watch.py                          # GPU if available, else CPU
     python benchmarks/bench_watch.py --device cpu --threads 1 --json watch.json
@@ -95,7 +96,7 @@ def time_block(step: Callable[[], None], steps: int, device: torch.device) -> fl
     return (time.perf_counter() - begin) / steps
 
 
-VARIANTS = ("stats on", "watched", "watched, counts every step", "watched, every={every}")
+VARIANTS = ("stats on", "watched", "watched, every=1", "watched, counts every step")
 
 
 def measure(
@@ -103,17 +104,16 @@ def measure(
     batch_size: int,
     device: torch.device,
     *,
-    every: int,
     blocks: int,
     steps: int,
     logdir: str,
-) -> tuple[dict[str, float], dict[str, int | None]]:
+) -> tuple[dict[str, float], dict[str, tuple[int | None, int | None]]]:
     """Median block-mean step time (ms) of every variant, measured interleaved, and the
-    difficulty interval each watched variant chose.
+    recording and difficulty intervals each watched variant chose.
 
     Each variant trains its own copy of the same model with its own loss, optimiser and (if
-    watched) one ``watch()`` for all its blocks, so the interval calibration of
-    ``difficulty_every="auto"`` happens once, in the warm-up block, as in a real run.
+    watched) one ``watch()`` for all its blocks, so the calibration of the "auto" intervals
+    happens once, in the warm-up block, as in a real run.
     """
     images, digits = load_digits_tensors()
     index = torch.randint(0, len(images), (batch_size,), generator=torch.Generator().manual_seed(0))
@@ -138,8 +138,8 @@ def measure(
         variants["stats on"] = trainer(LOSSES[loss_name](True))[1]
     options = {
         "watched": {},
-        "watched, counts every step": {"difficulty_every": 1},
-        f"watched, every={every}": {"every": every},
+        "watched, every=1": {"every": 1},
+        "watched, counts every step": {"every": 1, "difficulty_every": 1},
     }
     for name, watch_options in options.items():
         loss_fn = LOSSES[loss_name](False)
@@ -155,7 +155,7 @@ def measure(
         variants[name] = step
     try:
         for step in variants.values():  # warm-up: allocator, kernels, the interval's choice
-            time_block(step, max(steps, 20), device)
+            time_block(step, max(steps, 60), device)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(blocks):
             for name, step in variants.items():
@@ -163,7 +163,7 @@ def measure(
     finally:
         for watcher in watchers.values():
             watcher.close()
-    intervals = {name: w.cadence.interval for name, w in watchers.items()}
+    intervals = {name: (w.cadence.every, w.cadence.interval) for name, w in watchers.items()}
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, intervals
 
 
@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
-    parser.add_argument("--every", type=int, default=10, help="a recording interval to compare")
     parser.add_argument("--blocks", type=int, default=7, help="blocks per variant")
     parser.add_argument(
         "--budget-s", type=float, default=2.0, help="seconds per block, capping its steps"
@@ -183,24 +182,21 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = []
-    names = [v.format(every=args.every) for v in VARIANTS]
+    names = list(VARIANTS)
     print(f"device: {device_name(device)} · torch {torch.__version__}")
-    print("| loss | B | plain (ms) | " + " | ".join(names) + " | counts every k steps |")
+    print("| loss | B | plain (ms) | " + " | ".join(names) + " | every | difficulty_every |")
     print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
     with tempfile.TemporaryDirectory() as logdir:
         for batch_size in args.sizes:
             for loss_name in args.losses:
-                probe, _ = measure(
-                    loss_name, batch_size, device, every=1, blocks=1, steps=2, logdir=logdir
-                )
-                # Whole multiples of `every` per block, as many as the budget allows.
+                probe, _ = measure(loss_name, batch_size, device, blocks=1, steps=2, logdir=logdir)
+                # As many steps per block as the budget allows.
                 slowest = max(probe.values()) / 1e3
-                steps = max(1, int(args.budget_s / slowest / args.every)) * args.every
+                steps = max(10, int(args.budget_s / slowest))
                 ms, intervals = measure(
                     loss_name,
                     batch_size,
                     device,
-                    every=args.every,
                     blocks=args.blocks,
                     steps=steps,
                     logdir=logdir,
@@ -214,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(
                     f"| {loss_name} | {batch_size} | {plain:.2f} | "
                     + " | ".join(cells)
-                    + f" | {chosen} |",
+                    + f" | {chosen[0]} | {chosen[1]} |",
                     flush=True,
                 )
                 results.append(
@@ -223,14 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "batch_size": batch_size,
                         "steps": steps,
                         "ms": ms,
-                        "difficulty_every": intervals,
+                        "every, difficulty_every": intervals,
                     }
                 )
     report = {
         "device": device_name(device),
         "torch": torch.__version__,
         "blocks": args.blocks,
-        "every": args.every,
         "results": results,
     }
     if args.json:

@@ -151,20 +151,16 @@ def embedding_sums(embeddings: Tensor) -> Tensor:
     square_norms = (z * z).sum(dim=-1, keepdim=True)
     norms = square_norms.sqrt()
     unit = z / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    # Per-row scalars are summed together, the (N, D) terms each on their own: concatenating
+    # everything into one (..., N, 5 + 3D) block first costs four times as much on a CPU.
     per_row = torch.cat(
-        [
-            torch.ones_like(norms),
-            finite_rows,
-            (~finite).sum(dim=-1, keepdim=True),
-            norms,
-            square_norms,
-            z,
-            unit,
-            unit * unit,
-        ],
+        [finite_rows, (~finite).sum(dim=-1, keepdim=True), norms, square_norms], dim=-1
+    ).to(torch.float64)
+    rows = norms.new_full((*norms.shape[:-2], 1), e.shape[-2])
+    return torch.cat(
+        [rows, per_row.sum(dim=-2), z.sum(dim=-2), unit.sum(dim=-2), (unit * unit).sum(dim=-2)],
         dim=-1,
     )
-    return per_row.sum(dim=-2)
 
 
 def rank_step_sums(

@@ -215,32 +215,36 @@ class RunWriter:
             [(str(k), _dumps(v)) for k, v in values.items()],
         )
 
-    def append_metrics(self, frame: pd.DataFrame) -> None:
-        """Append rows of metrics; ``frame`` needs ``step`` and ``time`` columns.
+    def append_metrics(self, frame: pd.DataFrame | Mapping[str, np.ndarray]) -> None:
+        """Append rows of metrics: a DataFrame, or a mapping of column name to (S,) array;
+        they need ``step`` and ``time`` columns.
 
         Metrics are append-only: a step that is already stored raises
         ``sqlite3.IntegrityError`` (readers poll with ``since_step`` and rely on old rows
         never changing). A column the table does not have yet is added (names: lowercase,
         digits, ``_``). NaN is stored as NULL and read back as NaN.
         """
-        missing = {"step", "time"} - set(frame.columns)
+        # The live writer passes plain arrays: building a DataFrame per commit costs more
+        # than the insert, on a thread that shares the interpreter with training.
+        arrays = {str(c): np.asarray(v) for c, v in frame.items()}
+        missing = {"step", "time"} - set(arrays)
         if missing:
             raise ValueError(f"metrics need columns {sorted(missing)}")
+        lengths = {len(v) for v in arrays.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"metric columns differ in length: {sorted(lengths)}")
         self._begin()
-        integer = {c for c, dtype in frame.dtypes.items() if pd.api.types.is_integer_dtype(dtype)}
-        for column in frame.columns:
+        integer = {c for c, v in arrays.items() if np.issubdtype(v.dtype, np.integer)}
+        for column in arrays:
             if column not in self._columns:
-                if not _COLUMN.fullmatch(str(column)):
+                if not _COLUMN.fullmatch(column):
                     raise ValueError(f"invalid metric column name {column!r}")
                 kind = "INTEGER" if column in integer else "REAL"
                 self._db.execute(f"ALTER TABLE metrics ADD COLUMN {column} {kind}")
-                self._columns.append(str(column))
-        names = [str(c) for c in frame.columns]
-        # Plain Python values for sqlite3 (through numpy: a pandas astype per column costs
-        # more than the insert); SQLite stores a NaN double as NULL.
-        columns = [
-            frame[c].to_numpy(dtype="int64" if c in integer else "float64").tolist() for c in names
-        ]
+                self._columns.append(column)
+        names = list(arrays)
+        # Plain Python values for sqlite3; SQLite stores a NaN double as NULL.
+        columns = [arrays[c].astype("int64" if c in integer else "float64").tolist() for c in names]
         placeholders = ", ".join("?" * len(names))
         self._db.executemany(
             f"INSERT INTO metrics ({', '.join(names)}) VALUES ({placeholders})",

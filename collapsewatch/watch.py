@@ -51,7 +51,7 @@ from collapsewatch.adapters import (
     loss_family,
     parse_loss_call,
 )
-from collapsewatch.cadence import DifficultyCadence, DifficultyEvery, check_difficulty_every
+from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
@@ -181,7 +181,6 @@ class Watcher:
     name: str
     margin_spec: MarginSpec
     distance: DistanceSpec
-    every: int
     rank_every: int
     snapshot_every: int
     snapshot_size: int
@@ -191,7 +190,7 @@ class Watcher:
     commit_interval: float
     on_collapse: OnCollapse
     detector: CollapseDetector
-    cadence: DifficultyCadence
+    cadence: Cadence
     config: Mapping[str, Any] = field(default_factory=dict)
     sinks: list[Sink] = field(default_factory=list)  # log_to= (see collapsewatch.trackers)
     step: int = 0  # loss calls seen so far: the next step's number
@@ -256,7 +255,7 @@ class Watcher:
             if self._deferred is None:
                 return
             into = self._inside
-        elif self.step % self.every == 0:
+        elif self.cadence.records(self.step):
             into = self._captured
         else:
             return
@@ -283,17 +282,17 @@ class Watcher:
         if not torch.is_grad_enabled():
             return
         self._act_on_events()
-        self.cadence.loss_called()
         if self._in_loss:
             # The previous call raised before its forward hook ran: what the model produced
             # since then was produced outside any loss call.
             self._captured += self._inside
         step, captured = self.step, self._captured
+        self.cadence.loss_called(step)
         self.step += 1
         self._captured, self._inside = [], []
         self._current, self._deferred = None, None
         self._in_loss = True
-        if step % self.every:
+        if not self.cadence.records(step):
             if self._bundled:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
                 module.statistics = False
@@ -469,8 +468,10 @@ class Watcher:
 
     # ------------------------------------------------------------------------ flushing
     def _maybe_flush(self) -> None:
-        if len(self._records) >= self.commit_every or (
-            time.monotonic() - self._last_flush >= self.commit_interval
+        if (
+            len(self._records) >= self.commit_every
+            or time.monotonic() - self._last_flush >= self.commit_interval
+            or self.cadence.wants_flush
         ):
             self.flush()
 
@@ -483,7 +484,7 @@ class Watcher:
                 self._queue.join()
             return
         records, self._records = self._records, []
-        self._last_flush = time.monotonic()
+        self._last_flush = started = time.monotonic()
         if not records:
             return
         size = step_vector_size(self._dim or 0)
@@ -519,6 +520,7 @@ class Watcher:
         if stacked.device.type == "cuda":
             batch.ready = torch.cuda.Event()
             batch.ready.record()
+        self.cadence.committed("host", time.monotonic() - started, len(records))
         self._queue.put(batch)
 
     # --------------------------------------------------------------- writer thread
@@ -536,6 +538,7 @@ class Watcher:
             # Poll rather than cudaEventSynchronize: only this thread ever waits.
             while not batch.ready.query():
                 time.sleep(0.001)
+        started = time.thread_time()  # CPU time: what this thread takes from training
         assert self._writer is not None and self._dim is not None
         columns = derive_metrics(
             np.asarray(batch.steps),
@@ -547,7 +550,6 @@ class Watcher:
             world_size=self.world_size,
             rank_sums={i: g.numpy() for i, g in batch.grams.items()},
         )
-        frame = pd.DataFrame(columns)
         events: list[Event] = []
         # Rows as plain dicts straight from the arrays: DataFrame.to_dict is many times slower,
         # and this thread shares the interpreter with the training loop.
@@ -557,7 +559,7 @@ class Watcher:
                 events.append(event)
                 if event.kind == COLLAPSED:
                     self._actions.append(event)
-        self._writer.append_metrics(frame)
+        self._writer.append_metrics(columns)
         self._writer.append_events(events)
         for i, (embeddings, labels) in batch.snapshots.items():
             self._writer.add_snapshot(
@@ -567,13 +569,16 @@ class Watcher:
             {
                 "embedding_dim": self._dim,
                 "state": self.detector.state,
+                "every": self.cadence.every,
                 "difficulty_every": self.cadence.interval,
-                "difficulty_timing": self.cadence.measured,
+                "cadence_timing": self.cadence.measured,
             }
         )
         self._writer.commit()
-        self.latest_metrics = frame.iloc[-1].to_dict()
+        self.cadence.committed("writer", time.thread_time() - started, len(batch.steps))
+        self.latest_metrics = {name: column[-1].item() for name, column in columns.items()}
         if self.sinks:
+            frame = pd.DataFrame(columns)
             snapshots = [
                 Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
                 for i, (rows, labels) in batch.snapshots.items()
@@ -639,7 +644,7 @@ class Watcher:
             "torch_version": torch.__version__,
             "collapsewatch_version": __version__,
             "config": dict(self.config),
-            "every": self.every,
+            "every": self.cadence.every,
             "overhead": self.cadence.overhead,
             "rank_every": self.rank_every,
             "detector": dataclasses.asdict(self.detector.config),
@@ -796,7 +801,7 @@ def watch(
     logdir: str | os.PathLike[str] = "runs",
     run: str | None = None,
     margin: float | None = None,
-    every: int = 1,
+    every: Every = "auto",
     rank_every: int = 50,
     snapshot_every: int = 100,
     snapshot_size: int = 256,
@@ -811,7 +816,7 @@ def watch(
     detector: DetectorConfig | None = None,
     dashboard: bool | int = False,
     log_to: Any = None,
-    difficulty_every: DifficultyEvery = "auto",
+    difficulty_every: Every = "auto",
     overhead: float = 0.03,
 ) -> Watcher:
     """Attach collapse monitoring to ``model`` and ``loss_fn``; returns the :class:`Watcher`.
@@ -835,7 +840,10 @@ def watch(
             ``neg_margin``) when omitted. A loss without one (NTXent, InfoNCE) is watched
             margin-free: no plateau rule, margin-relative fractions NaN, contraction judged
             against the run's own peak.
-        every: record every k-th step.
+        every: record every k-th step; "auto" picks k from a timing of the first steps so
+            that recording costs at most half of ``overhead`` of the step time, k ≤ half the
+            detector's window (1 under torch.distributed). The k chosen is in the run's
+            metadata. See collapsewatch.cadence.
         rank_every: measure the effective rank at most every k steps (NaN in between; 0 never).
         snapshot_every: store an embedding sample at most every k steps (0: never).
         snapshot_size: rows per embedding sample.
@@ -864,10 +872,10 @@ def watch(
             background thread after each commit. See docs/trackers.md.
         difficulty_every: count easy / semi-hard / hard triplets (a sort of every anchor's
             row, the one costly statistic) at most every k steps, NaN in between; "auto"
-            picks k from a timing of the first steps so that they cost at most
-            ``overhead`` of the step time (10 under torch.distributed). The k chosen is in
-            the run's metadata. See collapsewatch.cadence.
-        overhead: the share of the step time the difficulty counts may take ("auto").
+            picks k from a timing of the first steps so that they cost at most half of
+            ``overhead`` of the step time (10 under torch.distributed).
+        overhead: the share of the step time watching may take ("auto" intervals), half for
+            recording and half for the difficulty counts.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -876,9 +884,11 @@ def watch(
             f"loss_fn must be a torch.nn.Module (hooks attach to modules), got "
             f"{type(loss_fn).__name__}; wrap a plain function in an nn.Module"
         )
-    for option, value in {"every": every, "commit_every": commit_every}.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{option} must be an integer ≥ 1, got {value!r}")
+    check_interval("every", every)
+    check_interval("difficulty_every", difficulty_every)
+    check_overhead(overhead)
+    if not isinstance(commit_every, int) or commit_every < 1:
+        raise ValueError(f"commit_every must be an integer ≥ 1, got {commit_every!r}")
     for option, value in {
         "rank_every": rank_every,
         "snapshot_every": snapshot_every,
@@ -886,13 +896,13 @@ def watch(
     }.items():
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{option} must be an integer ≥ 0, got {value!r}")
-    check_difficulty_every(difficulty_every, overhead)
     if not (commit_interval > 0):
         raise ValueError(f"commit_interval must be > 0 seconds, got {commit_interval!r}")
     if on_collapse not in ("warn", "raise", "ignore") and not callable(on_collapse):
         raise ValueError(
             f"on_collapse must be 'warn', 'raise', 'ignore' or a callable, got {on_collapse!r}"
         )
+    detector_config = detector or DetectorConfig()
     sinks = make_sinks(log_to)
     margin_spec = find_margin(loss_fn, margin)
     if margin_spec.margin is None:
@@ -928,7 +938,6 @@ def watch(
         name=name,
         margin_spec=margin_spec,
         distance=distance_spec,
-        every=every,
         rank_every=rank_every,
         snapshot_every=snapshot_every,
         snapshot_size=snapshot_size,
@@ -938,12 +947,16 @@ def watch(
         commit_every=commit_every,
         commit_interval=float(commit_interval),
         on_collapse=on_collapse,
-        cadence=DifficultyCadence(
-            difficulty_every, overhead, _device_of(model), distributed=world_size > 1
+        cadence=Cadence(
+            every,
+            difficulty_every,
+            overhead,
+            _device_of(model),
+            distributed=world_size > 1,
+            # A collapse must still span two recorded steps of the detector's window.
+            max_every=int(detector_config.window // 2),
         ),
-        detector=CollapseDetector(
-            detector or DetectorConfig(), advice=collapse_advice(loss_family(loss_fn))
-        ),
+        detector=CollapseDetector(detector_config, advice=collapse_advice(loss_family(loss_fn))),
         config=dict(config or {}),
         sinks=sinks,
     )

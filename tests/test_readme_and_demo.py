@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import collapsewatch as cw
+from tests.recorded import assert_recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -73,7 +74,7 @@ def test_demo_without_serving_prints_both_verdicts(tmp_path):
     for path in cw.list_runs(logdir):
         run = cw.load_run(path)
         verdicts[run.name] = cw.analyze(run.metrics).state
-        assert len(run.metrics) == 120
+        assert_recorded(run, 120)
     assert verdicts == {"batch-hard": "collapsed", "batch-hard-scaled": "healthy"}
     table = result.stdout[result.stdout.index("demo verdicts") :]
     assert re.search(r"batch-hard\s.*collapsed", table)

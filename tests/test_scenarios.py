@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     paths = {}
     for name, (spec, switch_at) in SCENARIOS.items():
         trainer = start_run(
-            spec, logdir=logdir, run=name, data=data, rank_every=25, on_collapse="ignore"
+            spec, logdir=logdir, run=name, data=data, rank_every=25, on_collapse="ignore", every=1
         )
         with trainer.watcher:
             for step in range(STEPS):

@@ -165,7 +165,7 @@ def test_verdict_and_logs(tmp_path, bert_dir, digits, kind, configuration, expec
     recorder = Recorder()
     # The recorder comes first, as the trainer's own report_to callbacks do: it must see
     # the metrics all the same.
-    callback = CollapseWatchCallback(run="run", on_collapse="ignore")
+    callback = CollapseWatchCallback(run="run", on_collapse="ignore", every=1)
     trainer = _train(tmp_path, kind, model, loss, digits, [recorder, callback], lr=lr)
 
     assert callback.path == tmp_path / "out" / "collapsewatch" / "run.cwrun"
@@ -232,7 +232,7 @@ def test_onset_matches_the_bundled_loss(tmp_path, bert_dir, digits):
         model = _sentence_model(bert_dir)
         loss = make_loss(model)
         watched = loss.triplet if name == "bundled" else None
-        callback = CollapseWatchCallback(watched, run=name, on_collapse="ignore")
+        callback = CollapseWatchCallback(watched, run=name, on_collapse="ignore", every=1)
         _train(tmp_path / name, "st", model, loss, digits, [callback])
         onsets.append(cw.analyze(callback.path).onset_step)
     assert None not in onsets and abs(onsets[0] - onsets[1]) <= 10, onsets

@@ -93,7 +93,12 @@ def train(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with cw.watch(
-            net, loss_fn, logdir=tmp_path, run=name, on_collapse="ignore", **watch_options
+            net,
+            loss_fn,
+            logdir=tmp_path,
+            run=name,
+            on_collapse="ignore",
+            **{"every": 1, **watch_options},
         ) as watcher:
             for _ in range(steps):
                 x, y = next(batches)
@@ -190,7 +195,7 @@ def test_siamese_statistics_match_an_explicit_reference(tmp_path):
     torch.manual_seed(0)
     net, loss_fn = DigitsEmbedder(), siamese_loss()
     batches = [next(balanced_batches(i, 4)) for i in range(3)]
-    with cw.watch(net, loss_fn, logdir=tmp_path, distance="squared_euclidean") as w:
+    with cw.watch(net, loss_fn, logdir=tmp_path, distance="squared_euclidean", every=1) as w:
         for x, y in batches:
             siamese_step(loss_fn)(net, x, y).backward()
     for row, (x, y) in zip(w and cw.load_run(w.path).metrics.itertuples(), batches, strict=True):
@@ -285,7 +290,7 @@ def test_embeddings_made_inside_the_loss_belong_to_its_step(tmp_path):
     batches = [next(balanced_batches(i, 5)) for i in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        with cw.watch(net, loss_fn, logdir=tmp_path) as w:
+        with cw.watch(net, loss_fn, logdir=tmp_path, every=1) as w:
             for x, y in batches:
                 loss_fn({"pixels": x}, y).backward()  # no optimiser step: embeddings known
     run = cw.load_run(w.path)
@@ -345,7 +350,7 @@ def test_a_loop_where_nothing_can_be_recorded_says_so_once(tmp_path):
     net, loss_fn = DigitsEmbedder(), Opaque()
     with (
         pytest.warns(RuntimeWarning, match="not recorded") as caught,
-        cw.watch(net, loss_fn, logdir=tmp_path, run="opaque") as w,
+        cw.watch(net, loss_fn, logdir=tmp_path, run="opaque", every=1) as w,
     ):
         for _ in range(5):
             loss_fn(torch.arange(4))

@@ -70,6 +70,7 @@ def tracked(tmp_path_factory):
                 logdir=root / "runs",
                 data=DATA,
                 on_collapse="ignore",
+                every=1,
                 rank_every=25,
                 snapshot_every=50,
                 snapshot_size=64,
@@ -257,6 +258,7 @@ def test_a_failing_sink_warns_once_and_neither_training_nor_the_run_file_stops(t
         logdir=tmp_path,
         data=DATA,
         on_collapse="ignore",
+        every=1,
         commit_every=5,
         log_to=[broken, lambda metrics, step: received.append(step)],
     )

@@ -21,6 +21,7 @@ def main() -> None:
         commit_every=int(commit_every),
         commit_interval=60.0,
         on_collapse="ignore",
+        every=1,
     )
     with trainer.watcher:
         for step in range(int(steps)):

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(VARIANTS)
     print(f"device: {device_name(device)} · torch {torch.__version__}")
     print("| loss | B | plain (ms) | " + " | ".join(names) + " | every | difficulty_every |")
-    print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|")
     with tempfile.TemporaryDirectory() as logdir:
         for batch_size in args.sizes:
             for loss_name in args.losses:

@@ -10,7 +10,7 @@ import torch
 import collapsewatch as cw
 from collapsewatch import cadence
 from collapsewatch.cadence import CALIBRATION_STEPS, RECORDING_PAIRS, Cadence
-from collapsewatch.demo import DigitsEmbedder, load_digits_tensors
+from collapsewatch.demo import DigitsEmbedder, DigitsRun, load_digits_tensors, start_run, train
 from collapsewatch.losses import functional
 
 
@@ -216,3 +216,30 @@ def test_statistics_without_difficulty_keep_what_every_step_needs():
     )
     for name in ("num_easy", "num_hard", "sum_hardest_positive", "frac_positive_loss"):
         assert math.isnan(spread[name].item()), name
+
+
+@pytest.mark.parametrize("every", [4, 10])
+def test_a_sparser_recording_flags_the_same_collapse_within_one_interval(tmp_path, every):
+    """The digits collapse (batch-hard, lr 0.5) recorded every step and every k-th step of
+    the same training (same seed and batches: watching never changes the gradients): the
+    onset moves by less than k steps, and the losses of the steps both recorded agree."""
+    data = load_digits_tensors()
+    verdicts, metrics = {}, {}
+    for k in (1, every):
+        trainer = start_run(
+            DigitsRun("batch-hard", lr=0.5),
+            logdir=tmp_path,
+            run=f"k{k}",
+            data=data,
+            every=k,
+            on_collapse="ignore",
+        )
+        run = cw.load_run(train(trainer, 80))
+        verdicts[k], metrics[k] = cw.analyze(run.metrics), run.metrics.set_index("step")
+    assert verdicts[1].collapsed and verdicts[every].collapsed
+    assert 0 <= verdicts[every].onset_step - verdicts[1].onset_step < every
+    both = metrics[every].index
+    assert list(both) == list(range(0, 80, every))
+    assert metrics[every]["loss"].to_numpy() == pytest.approx(
+        metrics[1].loc[both, "loss"].to_numpy(), rel=1e-5
+    )

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from collapsewatch.columns import MARGIN_RELATIVE, METRIC_COLUMNS, RANK_STEP_COLUMNS
 from collapsewatch.losses.distances import Distance, pairwise_distances
 from collapsewatch.losses.functional import (
     STATISTIC_FIELDS,
@@ -58,41 +59,6 @@ from collapsewatch.losses.functional import (
     TripletStatistics,
     ratios_of,
 )
-
-METRIC_COLUMNS: tuple[str, ...] = (
-    "step",
-    "time",
-    "loss",
-    "margin",
-    "loss_margin_ratio",
-    "embedding_variance",
-    "mean_pairwise_distance",
-    "frac_easy",
-    "frac_semihard",
-    "frac_hard",
-    "frac_positive_loss",
-    "hardest_positive_mean",
-    "hardest_negative_mean",
-    "embedding_norm_mean",
-    "std_of_l2_normalized",
-    "effective_rank",
-    "num_classes",
-    "within_class_variance_ratio",
-    "alignment",
-    "uniformity",
-    "nonfinite_count",
-    "embedding_dim",
-    "batch_size",
-    "num_valid_triplets",
-)
-
-LABEL_COLUMNS: tuple[str, ...] = ("num_classes", "within_class_variance_ratio", "alignment")
-"""Columns that need the labels of the rows: NaN for calls without them (explicit
-(anchor, positive, negative) triplets, unrecognised arguments)."""
-
-MARGIN_RELATIVE: tuple[str, ...] = ("frac_easy", "frac_semihard", "frac_positive_loss")
-"""Columns defined through the margin m: NaN for a margin-free loss (frac_hard, d_an < d_ap,
-needs none)."""
 
 RANKME_EPSILON = 1e-7
 
@@ -341,7 +307,7 @@ def derive_metrics(
         )
         unit_variance = np.where(spread, (unit_square_sums - unit_sums**2 / n) / (n - 1), 0.0)
         norm_mean = np.where(finite_rows > 0, norm_sum / finite_rows, 0.0)
-    geometry = {name: np.full(len(steps), np.nan) for name in _RANK_STEP_COLUMNS}
+    geometry = {name: np.full(len(steps), np.nan) for name in RANK_STEP_COLUMNS}
     for row, payload in (rank_sums or {}).items():
         values = _geometry(payload, dim, square_sum[row], sums[row], finite_rows[row])
         for name, value in values.items():
@@ -366,17 +332,3 @@ def derive_metrics(
             unknown = margin is None and name in MARGIN_RELATIVE
             columns[name] = np.full(len(steps), np.nan) if unknown else triplet[:, index]
     return {name: columns[name] for name in METRIC_COLUMNS}
-
-
-_RANK_STEP_COLUMNS = (
-    "effective_rank",
-    "num_classes",
-    "within_class_variance_ratio",
-    "alignment",
-    "uniformity",
-)
-
-
-def healthy_std_of_l2_normalized(dim: int) -> float:
-    """1/√D: the value of ``std_of_l2_normalized`` for isotropic embeddings."""
-    return 1.0 / math.sqrt(dim)

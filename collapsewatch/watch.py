@@ -52,13 +52,12 @@ from collapsewatch.adapters import (
     parse_loss_call,
 )
 from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
+from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
 from collapsewatch.statistics import (
-    LABEL_COLUMNS,
-    MARGIN_RELATIVE,
     derive_metrics,
     embedding_sums,
     explicit_triplet_statistics,

@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from collapsewatch.statistics import healthy_std_of_l2_normalized
+from collapsewatch.columns import healthy_std_of_l2_normalized
 
 from .data import RunView, Span
 from .decimate import decimate_frame

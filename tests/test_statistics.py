@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from collapsewatch.columns import METRIC_COLUMNS, healthy_std_of_l2_normalized
 from collapsewatch.losses import functional
 from collapsewatch.statistics import (
-    METRIC_COLUMNS,
     derive_metrics,
     effective_rank,
     embedding_sums,
     explicit_triplet_statistics,
-    healthy_std_of_l2_normalized,
     rank_step_size,
     rank_step_sums,
     step_vectors,

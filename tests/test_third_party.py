@@ -23,9 +23,9 @@ import torch
 
 import collapsewatch as cw
 from collapsewatch.cli import main as cli_main
+from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
 from collapsewatch.demo import DigitsEmbedder, load_digits_tensors
 from collapsewatch.losses import functional
-from collapsewatch.statistics import LABEL_COLUMNS, MARGIN_RELATIVE
 from tests import reference
 from tests.siamese_triplet import (
     HardestNegativeTripletSelector,

@@ -54,7 +54,7 @@ from collapsewatch.adapters import (
 from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
 from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
-from collapsewatch.losses.base import TripletLoss
+from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
 from collapsewatch.statistics import (
@@ -216,10 +216,12 @@ class Watcher:
         self._warned: set[str] = set()
         self._actions: deque[Event] = deque()
         self._writer_errors: deque[BaseException] = deque()
-        self._bundled = isinstance(self.loss_fn, TripletLoss)
+        # A loss that reports its own statistics (the bundled ones, or any loss following
+        # the ReportsStatistics protocol) is switched per recorded step and read.
+        self._self_reporting = isinstance(self.loss_fn, ReportsStatistics)
         # What close() puts back: watch() switches both per recorded step.
         self._original_switches = (
-            (self.loss_fn.statistics, self.loss_fn.difficulty) if self._bundled else None
+            (self.loss_fn.statistics, self.loss_fn.difficulty) if self._self_reporting else None
         )
         self._writer: RunWriter | None = None
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
@@ -292,12 +294,12 @@ class Watcher:
         self._current, self._deferred = None, None
         self._in_loss = True
         if not self.cadence.records(step):
-            if self._bundled:
+            if self._self_reporting:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
                 module.statistics = False
             return
         self._difficulty = self.cadence.due(step)
-        if self._bundled:
+        if self._self_reporting:
             module.statistics = True
             module.difficulty = self._difficulty
         call = parse_loss_call(args, kwargs)
@@ -430,7 +432,7 @@ class Watcher:
     def _triplet_statistics(
         self, call: LossCall | None, difficulty: bool
     ) -> TripletStatistics | None:
-        if self._bundled:
+        if self._self_reporting:
             return self.loss_fn.last_stats
         if call is None:
             return None
@@ -657,7 +659,7 @@ class Watcher:
         self.closed = True
         for handle in self._handles:
             handle.remove()
-        if self._bundled:
+        if self._self_reporting:
             self.loss_fn.statistics, self.loss_fn.difficulty = self._original_switches
         self.flush()
         if self._thread is not None:

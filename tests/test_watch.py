@@ -526,3 +526,51 @@ def test_dashboard_option_serves_from_a_child_process(tmp_path, script):
         time.sleep(0.2)
     else:
         pytest.fail("the dashboard outlived the training process")
+
+
+class _CosineReportingLoss(torch.nn.Module):
+    """A foreign loss (not a TripletLoss) that follows ReportsStatistics: batch-all under the
+    cosine distance, which it does not advertise, so watch() would compute Euclidean
+    statistics if it recomputed them instead of reading the ones handed over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.margin = 0.3
+        self.statistics, self.difficulty, self.last_stats = False, True, None
+        self.switches: list[tuple[bool, bool]] = []
+
+    def forward(self, embeddings, labels):
+        self.switches.append((self.statistics, self.difficulty))
+        loss, self.last_stats = functional.triplet_loss(
+            embeddings,
+            labels,
+            self.margin,
+            mining="batch_all",
+            distance="cosine",
+            with_statistics=self.statistics,
+            with_difficulty=self.difficulty,
+        )
+        return loss
+
+
+def test_any_loss_can_hand_watch_its_own_statistics(tmp_path):
+    net, loss_fn = model(), _CosineReportingLoss()
+    assert isinstance(loss_fn, cw.losses.ReportsStatistics)
+    batches = [batch(i) for i in range(6)]
+    with cw.watch(net, loss_fn, logdir=tmp_path, run="protocol", every=2, difficulty_every=1) as w:
+        for x, y in batches:
+            loss_fn(net(x), y).backward()
+    # Switched on for the recorded steps only, and put back as it was found.
+    assert [on for on, _ in loss_fn.switches] == [True, False] * 3
+    assert (loss_fn.statistics, loss_fn.difficulty) == (False, True)
+    m = cw.load_run(w.path).metrics
+    assert list(m["step"]) == [0, 2, 4]
+    for row in m.itertuples():
+        x, y = batches[row.step]
+        with torch.no_grad():
+            z = net(x).double()
+        want = reference.statistics(z, y, 0.3, "batch_all", False, "cosine")
+        euclidean = reference.statistics(z, y, 0.3, "batch_all", False, "euclidean")
+        assert want["mean_pairwise_distance"] != pytest.approx(euclidean["mean_pairwise_distance"])
+        for name in ("mean_pairwise_distance", "frac_hard", "frac_semihard", "frac_easy"):
+            assert getattr(row, name) == pytest.approx(want[name], rel=1e-4, abs=1e-6), name

@@ -1,7 +1,7 @@
 """Triplet losses: a functional core (``functional``) and modules on top."""
 
 from collapsewatch.losses import functional
-from collapsewatch.losses.base import TripletLoss
+from collapsewatch.losses.base import ReportsStatistics, TripletLoss
 from collapsewatch.losses.batch_all_triplet_loss import BatchAllTripletLoss
 from collapsewatch.losses.batch_hard_triplet_loss import BatchHardTripletLoss
 from collapsewatch.losses.distances import DISTANCES, Distance, pairwise_distances
@@ -12,6 +12,7 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "Distance",
+    "ReportsStatistics",
     "TripletLoss",
     "TripletStatistics",
     "functional",

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from collapsewatch.losses.distances import Distance, check_distance
 from collapsewatch.losses.functional import Mining, TripletStatistics, check_margin, triplet_loss
+
+
+@runtime_checkable
+class ReportsStatistics(Protocol):
+    """A loss that computes its own :class:`TripletStatistics` for ``watch()`` to read.
+
+    ``watch()`` sets ``statistics`` (and ``difficulty``, whether to count easy / semi-hard /
+    hard triplets) before each recorded step's call and reads ``last_stats`` after it, so a
+    loss that already has its distances and hardest pairs at hand hands them over instead of
+    ``watch()`` recomputing them. Between recorded steps ``statistics`` is False and the loss
+    should skip the work. The bundled losses implement it; so can any ``nn.Module`` loss
+    (e.g. with :func:`collapsewatch.losses.functional.triplet_loss`). ``last_stats`` must be
+    None, or the statistics of the latest call: device tensors, nothing read back.
+    """
+
+    statistics: bool
+    difficulty: bool
+    last_stats: TripletStatistics | None
 
 
 class TripletLoss(torch.nn.Module):

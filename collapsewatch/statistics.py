@@ -210,22 +210,19 @@ def explicit_triplet_statistics(
         semihard = ((d_ap <= d_an) & (d_an < d_ap + margin)).sum()
         num = torch.full((), float(n), dtype=torch.float64, device=anchor.device)
         pairs = 3 * n * (3 * n - 1)
-        values = torch.stack(
-            [
-                num,
-                num,
-                num - hard - semihard,
-                semihard.to(torch.float64),
-                hard.to(torch.float64),
-                num,
-                (d_ap - d_an + margin > 0).sum().to(torch.float64),
-                d_ap.sum().to(torch.float64),
-                d_an.sum().to(torch.float64),
-                torch.full_like(num, float(pairs)),
-                (distances.sum() - distances.diagonal().sum()).to(torch.float64),
-            ]
+        return TripletStatistics.of(
+            num_valid_triplets=num,
+            num_valid_anchors=num,
+            num_easy=num - hard - semihard,
+            num_semihard=semihard,
+            num_hard=hard,
+            num_loss_terms=num,
+            num_positive_loss=(d_ap - d_an + margin > 0).sum(),
+            sum_hardest_positive=d_ap.sum(),
+            sum_hardest_negative=d_an.sum(),
+            num_pairs=torch.full_like(num, float(pairs)),
+            sum_pairwise_distance=distances.sum() - distances.diagonal().sum(),
         )
-    return TripletStatistics(values)
 
 
 def effective_rank(gram: np.ndarray) -> float:

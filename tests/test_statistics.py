@@ -299,3 +299,16 @@ def test_labels_share_a_class_row_modulo_the_table_size():
     assert geometry(z, labels, buckets=5)["within_class_variance_ratio"] == pytest.approx(
         merged["within_class_variance_ratio"]
     )
+
+
+def test_triplet_statistics_are_built_by_field_name():
+    fields = {name: torch.tensor(float(i)) for i, name in enumerate(functional.STATISTIC_FIELDS)}
+    # Given in reverse order, stored in the canonical one.
+    stats = functional.TripletStatistics.of(**dict(reversed(list(fields.items()))))
+    assert stats.values.tolist() == list(range(len(functional.STATISTIC_FIELDS)))
+    assert stats.num_hard.item() == functional.STATISTIC_FIELDS.index("num_hard")
+    del fields["num_hard"]
+    with pytest.raises(ValueError, match=r"missing \['num_hard'\], unknown \['num_harder'\]"):
+        functional.TripletStatistics.of(**fields, num_harder=torch.tensor(0.0))
+    with pytest.raises(ValueError, match=r"must have shape \(11,\)"):
+        functional.TripletStatistics(torch.zeros(10))

@@ -110,6 +110,28 @@ class TripletStatistics:
 
     values: Tensor
 
+    def __post_init__(self) -> None:
+        if tuple(self.values.shape) != (len(STATISTIC_FIELDS),):
+            raise ValueError(
+                f"TripletStatistics.values must have shape ({len(STATISTIC_FIELDS)},), one entry "
+                f"per STATISTIC_FIELDS name, got {tuple(self.values.shape)}; build it by name "
+                "with TripletStatistics.of(...)"
+            )
+
+    @classmethod
+    def of(cls, **fields: Tensor) -> TripletStatistics:
+        """Statistics from every field of ``STATISTIC_FIELDS`` by name (0-d tensors on one
+        device), stacked in the canonical order in one kernel: ``torch.stack`` promotes the
+        integer counts to float64 along with the float64 ones, exact up to 2⁵³."""
+        if fields.keys() != set(STATISTIC_FIELDS):
+            missing = sorted(set(STATISTIC_FIELDS) - fields.keys())
+            unknown = sorted(fields.keys() - set(STATISTIC_FIELDS))
+            raise ValueError(
+                f"TripletStatistics.of needs exactly the STATISTIC_FIELDS; missing {missing}, "
+                f"unknown {unknown}"
+            )
+        return cls(torch.stack([fields[name] for name in STATISTIC_FIELDS]))
+
     num_valid_triplets = _field("num_valid_triplets")
     num_valid_anchors = _field("num_valid_anchors")
     num_easy = _field("num_easy")
@@ -383,23 +405,22 @@ class _Batch:
     ) -> TripletStatistics:
         d = self.distances.detach()
         n = d.shape[0]
-        num_pairs = torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device)
-        # One kernel: stack promotes every entry to float64 (num_pairs is), so the integer
+        num_easy, num_semihard, num_hard = counts
+        # One kernel: the stack promotes every entry to float64 (num_pairs is), so the integer
         # counts stay exact up to 2⁵³; converting each first would be eleven more kernels.
-        values = torch.stack(
-            [
-                self.num_valid_triplets,
-                self.num_valid_anchors,
-                *counts,
-                num_loss_terms,
-                num_positive_loss,
-                hardest_positive.detach().sum(),
-                hardest_negative.detach().sum(),
-                num_pairs,
-                d.sum() - d.diagonal().sum(),
-            ]
+        return TripletStatistics.of(
+            num_valid_triplets=self.num_valid_triplets,
+            num_valid_anchors=self.num_valid_anchors,
+            num_easy=num_easy,
+            num_semihard=num_semihard,
+            num_hard=num_hard,
+            num_loss_terms=num_loss_terms,
+            num_positive_loss=num_positive_loss,
+            sum_hardest_positive=hardest_positive.detach().sum(),
+            sum_hardest_negative=hardest_negative.detach().sum(),
+            num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
+            sum_pairwise_distance=d.sum() - d.diagonal().sum(),
         )
-        return TripletStatistics(values)
 
 
 def _unknown_counts(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -713,19 +734,16 @@ def _spread_statistics(embeddings: Tensor, labels: Tensor, distance: Distance) -
     num_positives, num_negatives = class_size - 1, n - class_size
     nan = torch.full((), torch.nan, dtype=torch.float64, device=d.device)
     num_triplets = (num_positives * num_negatives).sum()
-    values = torch.stack(
-        [
-            num_triplets,
-            ((num_positives > 0) & (num_negatives > 0)).sum(),
-            nan,
-            nan,
-            nan,
-            num_triplets,
-            nan,
-            nan,
-            nan,
-            torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
-            d.sum() - d.diagonal().sum(),
-        ]
+    return TripletStatistics.of(
+        num_valid_triplets=num_triplets,
+        num_valid_anchors=((num_positives > 0) & (num_negatives > 0)).sum(),
+        num_easy=nan,
+        num_semihard=nan,
+        num_hard=nan,
+        num_loss_terms=num_triplets,
+        num_positive_loss=nan,
+        sum_hardest_positive=nan,
+        sum_hardest_negative=nan,
+        num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
+        sum_pairwise_distance=d.sum() - d.diagonal().sum(),
     )
-    return TripletStatistics(values)

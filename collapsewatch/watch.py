@@ -56,7 +56,7 @@ from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
 from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
-from collapsewatch.losses.functional import TripletStatistics, triplet_statistics
+from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, triplet_statistics
 from collapsewatch.statistics import (
     derive_metrics,
     embedding_sums,
@@ -224,6 +224,7 @@ class Watcher:
             (self.loss_fn.statistics, self.loss_fn.difficulty) if self._self_reporting else None
         )
         self._writer: RunWriter | None = None
+        self._anchor_sampler = AnchorSampler()  # a foreign loss's difficulty counts
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         # The last row written to the run (rank 0), for integrations that report it.
         self.latest_metrics: dict[str, Any] | None = None
@@ -455,6 +456,7 @@ class Watcher:
             self._margin_or_any,
             distance=self.distance.distance,
             with_difficulty=with_difficulty,
+            anchor_sampler=self._anchor_sampler,
         )
 
     @property

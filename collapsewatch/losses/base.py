@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from collapsewatch.losses.distances import Distance, check_distance
-from collapsewatch.losses.functional import Mining, TripletStatistics, check_margin, triplet_loss
+from collapsewatch.losses.functional import (
+    AnchorSampler,
+    Mining,
+    TripletStatistics,
+    check_margin,
+    triplet_loss,
+)
 
 
 @runtime_checkable
@@ -71,6 +77,8 @@ class TripletLoss(torch.nn.Module):
         self.difficulty = True
         self.check_finite = bool(check_finite)
         self.last_stats: TripletStatistics | None = None
+        # Its own random stream for the anchors of large batches' difficulty counts.
+        self.anchor_sampler = AnchorSampler()
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """(N, D) float embeddings, (N,) integer labels → scalar loss."""
@@ -84,6 +92,7 @@ class TripletLoss(torch.nn.Module):
             with_statistics=self.statistics,
             with_difficulty=self.difficulty,
             check_finite=self.check_finite,
+            anchor_sampler=self.anchor_sampler,
         )
         return loss
 

@@ -25,7 +25,7 @@ O(N² log N) time and O(N²) memory.
 Difficulty counts of batches larger than ``STATISTICS_ANCHORS`` are estimated from that
 many anchors drawn uniformly without replacement (each still sees all N columns), so
 their cost is O(N log N) per sampled anchor whatever the batch size; see
-:meth:`_Batch.difficulty_counts` and docs/losses.md for the estimator and its error bound.
+:meth:`_LabelledBatch.difficulty_counts` and docs/losses.md for the estimator and its error bound.
 
 Every function here is free of host synchronisation unless ``check_finite=True``, which
 reads one flag back to report non-finite rows.
@@ -312,27 +312,35 @@ def _scale(hardest_negative: Tensor, num_valid_anchors: Tensor, scaled: bool) ->
     return (hardest_negative.sum() / num_valid_anchors.clamp_min(1)).clamp_min(SCALE_FLOOR)
 
 
-_SAMPLERS: dict[torch.device, torch.Generator] = {}
+class AnchorSampler:
+    """Draws the anchors whose difficulty counts estimate a large batch's (see
+    ``STATISTICS_ANCHORS``), from a random stream of its own.
 
-
-def sample_anchors(n: int, device: torch.device) -> Tensor | None:
-    """``STATISTICS_ANCHORS`` distinct anchors drawn uniformly from N on ``device``, or None
-    (all anchors) when N is not larger.
-
-    Drawn on the device (the top-k of uniform keys) from a generator of our own, seeded
-    once per device: no host sync, and the training loop's random stream is left alone.
+    One generator per device, seeded with ``seed`` on first use: no host sync, the training
+    loop's random stream is left alone, and two losses never share (or perturb) one stream.
+    Each bundled loss module and each ``watch()`` owns one; the functional API makes a fresh
+    one per call unless given one, so a functional call is a pure function of its inputs.
     """
-    if n <= STATISTICS_ANCHORS:
-        return None
-    generator = _SAMPLERS.get(device)
-    if generator is None:
-        generator = _SAMPLERS[device] = torch.Generator(device=device).manual_seed(0)
-    keys = torch.rand(n, generator=generator, device=device)
-    return keys.topk(STATISTICS_ANCHORS, sorted=False).indices
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def sample(self, n: int, device: torch.device) -> Tensor | None:
+        """``STATISTICS_ANCHORS`` distinct anchors drawn uniformly from N on ``device`` (the
+        top-k of uniform keys), or None (all anchors) when N is not larger."""
+        if n <= STATISTICS_ANCHORS:
+            return None
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = generator
+        keys = torch.rand(n, generator=generator, device=device)
+        return keys.topk(STATISTICS_ANCHORS, sorted=False).indices
 
 
 @dataclass
-class _Batch:
+class _LabelledBatch:
     """What both reductions need about one batch; every tensor lives on the batch's device."""
 
     distances: Tensor  # (N, N)
@@ -343,9 +351,16 @@ class _Batch:
     valid_anchor: Tensor  # (N,) bool
     num_valid_anchors: Tensor  # () int64
     num_valid_triplets: Tensor  # () int64
+    anchor_sampler: AnchorSampler  # for difficulty counts above STATISTICS_ANCHORS anchors
 
     @classmethod
-    def build(cls, embeddings: Tensor, labels: Tensor, distance: Distance) -> _Batch:
+    def build(
+        cls,
+        embeddings: Tensor,
+        labels: Tensor,
+        distance: Distance,
+        anchor_sampler: AnchorSampler | None = None,
+    ) -> _LabelledBatch:
         n = labels.shape[0]
         positive, negative = label_masks(labels)
         class_size = _class_sizes(labels)
@@ -360,6 +375,7 @@ class _Batch:
             valid_anchor=valid_anchor,
             num_valid_anchors=valid_anchor.sum(),
             num_valid_triplets=(num_positives * num_negatives).sum(),
+            anchor_sampler=anchor_sampler or AnchorSampler(),
         )
 
     def difficulty_counts(
@@ -376,7 +392,7 @@ class _Batch:
         """
         with torch.no_grad():
             n = self.labels.shape[0]
-            anchors = sample_anchors(n, self.distances.device)
+            anchors = self.anchor_sampler.sample(n, self.distances.device)
             rows = (self.distances.detach(), self.positive, self.negative)
             total = self.num_valid_triplets.to(torch.float64)
             weight = None
@@ -431,7 +447,7 @@ def _unknown_counts(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _batch_hard(
-    batch: _Batch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
+    batch: _LabelledBatch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
     distances = batch.distances
     hardest_positive = _hardest_positive(distances, batch.positive, batch.valid_anchor)
@@ -462,7 +478,7 @@ def _batch_hard(
 
 
 def _batch_all(
-    batch: _Batch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
+    batch: _LabelledBatch, margin: float, scaled: bool, with_statistics: bool, with_difficulty: bool
 ) -> tuple[Tensor, TripletStatistics | None]:
     distances = batch.distances
     hardest_negative = None
@@ -519,6 +535,7 @@ def triplet_loss(
     with_statistics: bool = False,
     with_difficulty: bool = True,
     check_finite: bool = False,
+    anchor_sampler: AnchorSampler | None = None,
 ) -> tuple[Tensor, TripletStatistics | None]:
     """The pipeline both losses share: check inputs → distances → mining reduction.
 
@@ -526,7 +543,8 @@ def triplet_loss(
     ``TripletStatistics``; without ``with_difficulty`` their easy / semi-hard / hard counts
     (the one part that sorts every anchor's row) are NaN. Batches with no valid triplet
     (N < 2, one class, all labels distinct) give a loss of exactly 0 that is still attached
-    to the graph.
+    to the graph. ``anchor_sampler`` draws the anchors of a large batch's difficulty counts
+    (a fresh one, seeded 0, when None).
     """
     check_inputs(embeddings, labels, check_finite=check_finite)
     margin = check_margin(margin)
@@ -534,7 +552,7 @@ def triplet_loss(
     reduction = _REDUCTIONS[mining]
     if embeddings.shape[0] < 2:
         return _empty_batch(embeddings, with_statistics)
-    batch = _Batch.build(embeddings, labels, distance)
+    batch = _LabelledBatch.build(embeddings, labels, distance, anchor_sampler)
     return reduction(batch, margin, scaled, with_statistics, with_difficulty)
 
 
@@ -695,12 +713,14 @@ def triplet_statistics(
     *,
     distance: Distance = "euclidean",
     with_difficulty: bool = True,
+    anchor_sampler: AnchorSampler | None = None,
 ) -> TripletStatistics:
     """Difficulty statistics of a labelled (N, D) batch for a loss whose mining is unknown.
 
     The statistics of batch-all, without its loss: ``num_loss_terms`` is every valid
     triplet and ``num_positive_loss`` those with d_an < d_ap + m. Difficulty counts are
-    estimated above ``STATISTICS_ANCHORS`` anchors, as for the bundled losses. Without
+    estimated above ``STATISTICS_ANCHORS`` anchors from ``anchor_sampler``'s draws (a fresh
+    one, seeded 0, when None), as for the bundled losses. Without
     ``with_difficulty`` only the counts of valid triplets and anchors and the pairwise
     distance sum are computed (what the detector reads every step); the per-anchor fields
     are NaN. No gradient is recorded, no host sync.
@@ -713,7 +733,7 @@ def triplet_statistics(
             return _empty_batch(embeddings, with_statistics=True)[1]  # type: ignore[return-value]
         if not with_difficulty:
             return _spread_statistics(embeddings.detach(), labels, distance)
-        batch = _Batch.build(embeddings.detach(), labels, distance)
+        batch = _LabelledBatch.build(embeddings.detach(), labels, distance, anchor_sampler)
         easy, semihard, hard = batch.difficulty_counts(margin)
         return batch.statistics(
             (easy, semihard, hard),

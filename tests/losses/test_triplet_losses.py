@@ -443,13 +443,12 @@ def test_large_batches_count_a_sample_of_anchors_exactly(mining, monkeypatch):
     monkeypatch.setattr(functional, "STATISTICS_ANCHORS", 256)
     n = functional.STATISTICS_ANCHORS + 44
     x, labels = random_batch(44, n, 6, 5)
-    functional._SAMPLERS.clear()
-    anchors = functional.sample_anchors(n, x.device)
+    # The functional API draws with a fresh sampler (seed 0) per call: the same anchors.
+    anchors = functional.AnchorSampler().sample(n, x.device)
     assert anchors.shape == (functional.STATISTICS_ANCHORS,)
     assert len(set(anchors.tolist())) == functional.STATISTICS_ANCHORS
 
     def statistics():
-        functional._SAMPLERS.clear()
         if mining == "foreign":
             return functional.triplet_statistics(x, labels, 0.3)
         return fast(x, labels, 0.3, mining, False, "euclidean", return_statistics=True)[1]
@@ -486,7 +485,6 @@ def test_estimated_fractions_on_a_real_batch_of_2048(mining, monkeypatch):
         z, labels = DigitsEmbedder()(images[index]), digits[index]
 
     def fractions():
-        functional._SAMPLERS.clear()
         if mining == "foreign":
             stats = functional.triplet_statistics(z, labels, 0.2)
         else:
@@ -528,3 +526,30 @@ def test_cuda_loss_and_statistics_never_synchronise(mining):
         module.last_stats.ratios()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_each_loss_draws_its_anchors_from_its_own_stream(monkeypatch):
+    # Two losses must not share one sampler: what one computes may not depend on whether
+    # another was called in between; a functional call is a pure function of its inputs.
+    monkeypatch.setattr(functional, "STATISTICS_ANCHORS", 32)
+    batches = [random_batch(seed, 96, 6, 4) for seed in range(3)]
+
+    def hard_fractions(loss, other=None):
+        fractions = []
+        for x, labels in batches:
+            if other is not None:
+                other(x, labels)
+            loss(x, labels)
+            fractions.append(loss.last_stats.frac_hard.item())
+        return fractions
+
+    def bundled():
+        return BatchHardTripletLoss(0.3, statistics=True)
+
+    alone = hard_fractions(bundled())
+    assert hard_fractions(bundled(), other=bundled()) == alone
+    assert len(set(alone)) == 3  # a stream: successive draws differ
+    x, labels = batches[0]
+    first = functional.triplet_statistics(x, labels, 0.3).values
+    again = functional.triplet_statistics(x, labels, 0.3).values
+    assert torch.equal(first, again)

@@ -180,9 +180,10 @@ class Cadence:
         phase = self._alternating_phase(step)
         return phase is None or phase % 2 == 0
 
-    def due(self, step: int) -> bool:
+    def counts_difficulty(self, step: int) -> bool:
         """Whether recorded step ``step`` counts difficulties: every step until the interval
-        is decided, except while the recording interval is being timed."""
+        is decided, except while the recording interval is being timed. Asked once per
+        recorded step, in step order: a True answer starts the next interval."""
         if self._alternating_phase(step) is not None:
             return False
         last = self._last_counted

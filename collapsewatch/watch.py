@@ -299,7 +299,7 @@ class Watcher:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
                 module.statistics = False
             return
-        self._difficulty = self.cadence.due(step)
+        self._difficulty = self.cadence.counts_difficulty(step)
         if self._self_reporting:
             module.statistics = True
             module.difficulty = self._difficulty

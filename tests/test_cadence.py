@@ -42,7 +42,7 @@ def calibrated(monkeypatch, step_seconds, counts_seconds, overhead, every=4):
     due = []
     for step in range(CALIBRATION_STEPS):
         cad.loss_called(step)
-        due.append(cad.due(step))
+        due.append(cad.counts_difficulty(step))
     assert due == [True] * CALIBRATION_STEPS and cad.interval is None
     assert cad.wants_measurement
     cad.measure(lambda: None, lambda: None)
@@ -65,7 +65,7 @@ def test_difficulty_interval_keeps_the_counts_within_half_the_budget(
         {"difficulty_seconds": counts_seconds, "step_seconds": step}
     )
     steps = range(10_000, 10_000 + 5 * cad.interval)
-    counted = [s for s in steps if cad.due(s)]
+    counted = [s for s in steps if cad.counts_difficulty(s)]
     assert counted == list(range(10_000, 10_000 + 5 * cad.interval, cad.interval))
 
 
@@ -97,7 +97,7 @@ def test_recording_interval_fits_the_budget(
     step, recorded, counted = 0, [], []
     for step in range(CALIBRATION_STEPS):
         cad.loss_called(step)
-        assert cad.records(step) and cad.due(step)
+        assert cad.records(step) and cad.counts_difficulty(step)
     cad.measure(lambda: None, lambda: None)  # on the last step of phase 1
     assert cad.wants_flush  # the untimed first commit
     cad.committed("host", 1.0, 8)
@@ -112,7 +112,7 @@ def test_recording_interval_fits_the_budget(
         cad.loss_called(step)
         if cad.records(step):
             recorded.append(step)
-            counted += [step] if cad.due(step) else []
+            counted += [step] if cad.counts_difficulty(step) else []
     assert cad.every is None and cad.wants_flush  # waiting for the timed commit
     rows = len(recorded)
     cad.committed("host", host * rows, rows)
@@ -151,7 +151,7 @@ def test_recording_waits_for_the_device():
 
 def test_fixed_and_distributed_intervals():
     fixed = Cadence(1, 4, 0.03, torch.device("cpu"))
-    assert [s for s in range(12) if fixed.due(s)] == [0, 4, 8]
+    assert [s for s in range(12) if fixed.counts_difficulty(s)] == [0, 4, 8]
     assert all(fixed.records(s) for s in range(12)) and not fixed.wants_flush
     sparse = Cadence(3, 1, 0.03, torch.device("cpu"))
     assert [s for s in range(10) if sparse.records(s)] == [0, 3, 6, 9]

@@ -248,3 +248,22 @@ def test_posthoc_without_a_run_trains_one(
     html = run.path.with_suffix(".html")  # the default output: next to the run
     assert 'class="plotly-graph-div"' in html.read_text()
     assert "verdict: collapsed" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- optuna_sweep.py
+@pytest.mark.slow
+def test_optuna_sweep_runs_both_sweeps_over_the_same_grid(tmp_path: Path) -> None:
+    # The pruning itself is tested on a real study in tests/test_optuna.py; here the script:
+    # both sweeps visit the same configurations, count every step, and the exit status says
+    # whether any trial was pruned (or kept) against the held-out truth.
+    pytest.importorskip("optuna")
+    done = run_example("optuna_sweep.py", "--trials", 3, "--steps", 30, "--logdir", tmp_path)
+    assert done.returncode in (0, 1), done.stderr
+    lines = done.stdout.strip().splitlines()
+    rows = [line.split() for line in lines[1:-1]]
+    assert len(rows) == 3 and len({tuple(row[:3]) for row in rows}) == 3
+    summary = lines[-1]
+    assert "without pruning:" in summary and ", 90 steps; with pruning:" in summary
+    wrong = int(summary.rsplit(";", 1)[1].split()[0])
+    assert done.returncode == (1 if wrong else 0)
+    assert len(list(tmp_path.rglob("*.cwrun"))) == 6

@@ -11,6 +11,17 @@ crash or ``kill -9`` of the writing process (not a power cut), so a killed run l
 what was written since its last commit and opens cleanly. SQLite's WAL needs a local file
 system: do not put a log directory on NFS or another network file system.
 
+Untrusted files: run files are shared between people, so a reader treats one as data. It
+opens it read-only with ``trusted_schema`` off, checks that the four tables are tables,
+names only columns it validated (quoted), stops any query that runs past
+:data:`QUERY_TIME_LIMIT`, and reads a malformed value (bad JSON, text in a metric column) as
+NaN/None with one :class:`RunFileWarning` per reader and problem, never a traceback.
+
+Storage faults: a failed write raises :class:`RunStorageError` (an ``OSError``) naming the
+path and the cause (disk full, read-only file system, permission denied); a run is created
+in a hidden draft beside it and linked into place, so a failed start leaves nothing that
+takes the name and two processes racing on one name get one run and one ``FileExistsError``.
+
 Threads: a writer must be used by one thread at a time (``watch()`` gives it to its
 background thread); a reader likewise. Any number of readers, in any processes, may read
 while one writer writes.
@@ -19,11 +30,15 @@ while one writer writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import re
+import secrets
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +57,11 @@ SCHEMA_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _COLUMN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SNAPSHOT_KINDS = frozenset("fiub")  # numeric dtypes only: nothing that could need pickle
+_TABLES = ("meta", "metrics", "events", "snapshots")
+_EVENT_COLUMNS = ("id", "step", "time", "kind", "state", "message", "suggestion", "evidence")
+QUERY_TIME_LIMIT = 30.0
+"""Seconds one read of a run file may take before it is stopped (a crafted file's views or
+CTEs must not spin a reader; a real 1,000,000-row read takes a few seconds)."""
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +89,53 @@ CREATE TABLE snapshots (
 
 class RunFileError(ValueError):
     """A path that is not a readable collapsewatch run (missing, corrupt, or another file)."""
+
+
+class RunFileWarning(UserWarning):
+    """Part of a run file could not be read (ill-named columns, malformed values); it was
+    skipped or read as NaN/None."""
+
+
+class RunStorageError(OSError):
+    """A run file could not be written: the message names the path and the ``cause``
+    ("the disk is full", "the file system is read-only", "permission denied", …)."""
+
+    def __init__(self, message: str, *, cause: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.errno = code
+
+
+def _storage_error(path: Path, error: BaseException, doing: str) -> RunStorageError:
+    """``error`` from writing ``path`` as a :class:`RunStorageError` that says why."""
+    cause = _storage_cause(path, error)
+    return RunStorageError(
+        f"cannot {doing} run file {str(path)!r}: {cause} ({error})",
+        cause=cause,
+        code=getattr(error, "errno", None),
+    )
+
+
+def _storage_cause(path: Path, error: BaseException) -> str:
+    # SQLite reports most faults as text ("database or disk is full", "unable to open
+    # database file", "attempt to write a readonly database"): ask the file system instead.
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "full" in str(error).lower():
+        return "the disk is full"
+    directory = path if path.is_dir() else path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        status = os.statvfs(directory)
+    except OSError:
+        status = None
+    if code == errno.EROFS or (status is not None and status.f_flag & os.ST_RDONLY):
+        return "the file system is read-only"
+    if code in (errno.EACCES, errno.EPERM) or not os.access(directory, os.W_OK | os.X_OK):
+        return "permission denied"
+    if status is not None and status.f_bavail == 0:
+        return "the disk is full"
+    return "the write failed"
 
 
 def check_run_name(name: str) -> str:
@@ -163,12 +230,18 @@ class RunWriter:
         path: the ``.cwrun`` file to create; it must not exist unless ``resume``.
         metadata: JSON-serialisable run metadata (config, model and loss class, margin, …).
         resume: append to the existing run at ``path`` (its metadata updated, its rows kept).
+
+    Raises:
+        FileExistsError: ``path`` exists (without ``resume``), or another process created it
+            first.
+        RunStorageError: the file cannot be written (disk full, read-only, permission).
     """
 
     def __init__(
         self, path: str | Path, metadata: Mapping[str, Any], *, resume: bool = False
     ) -> None:
         self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
         if self.path.suffix != RUN_SUFFIX:
             raise ValueError(f"a run file must end in {RUN_SUFFIX}, got {str(self.path)!r}")
         if resume:
@@ -176,41 +249,38 @@ class RunWriter:
             with RunReader(self.path) as reader:
                 columns = reader.metric_columns()
                 resumed = reader.metadata().get("resumed", [])
-            self._db = self._connect()
+            self._db = self._connect(self.path)
             self._columns = columns
-            self.set_metadata({**metadata, "status": "running", "resumed": [*resumed, time.time()]})
-            self.commit()
+            with self.transaction():
+                self.set_metadata(
+                    {**metadata, "status": "running", "resumed": [*resumed, time.time()]}
+                )
             return
         if self.path.exists():
             raise FileExistsError(f"run file {str(self.path)!r} already exists")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = self._connect()
-        # Marker, schema and metadata in one transaction: no reader sees a half-made run.
-        self._db.executescript(
-            f"BEGIN; PRAGMA application_id={APPLICATION_ID}; "
-            f"PRAGMA user_version={SCHEMA_VERSION}; {_SCHEMA}"
-        )
-        self._columns = ["step", "time"]
         base = {
             "name": self.path.name[: -len(RUN_SUFFIX)],
             "created": time.time(),
             "collapsewatch_version": __version__,
             "status": "running",
         }
-        self.set_metadata({**base, **metadata})
-        self.commit()
+        _create(self.path, {**base, **metadata})
+        self._db = self._connect(self.path)
+        self._columns = ["step", "time"]
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: transactions are ours, so a batch of steps is one commit.
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: transactions are ours, so a batch of steps is one commit.
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as error:
+            raise _storage_error(path, error, "open") from None
         return db
 
     def set_metadata(self, values: Mapping[str, Any]) -> None:
         """Insert or replace metadata keys."""
-        self._begin()
-        self._db.executemany(
+        self._begin().executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             [(str(k), _dumps(v)) for k, v in values.items()],
         )
@@ -233,28 +303,27 @@ class RunWriter:
         lengths = {len(v) for v in arrays.values()}
         if len(lengths) > 1:
             raise ValueError(f"metric columns differ in length: {sorted(lengths)}")
-        self._begin()
+        db = self._begin()
         integer = {c for c, v in arrays.items() if np.issubdtype(v.dtype, np.integer)}
         for column in arrays:
             if column not in self._columns:
                 if not _COLUMN.fullmatch(column):
                     raise ValueError(f"invalid metric column name {column!r}")
                 kind = "INTEGER" if column in integer else "REAL"
-                self._db.execute(f"ALTER TABLE metrics ADD COLUMN {column} {kind}")
+                db.execute(f'ALTER TABLE metrics ADD COLUMN "{column}" {kind}')
                 self._columns.append(column)
         names = list(arrays)
         # Plain Python values for sqlite3; SQLite stores a NaN double as NULL.
         columns = [arrays[c].astype("int64" if c in integer else "float64").tolist() for c in names]
         placeholders = ", ".join("?" * len(names))
-        self._db.executemany(
-            f"INSERT INTO metrics ({', '.join(names)}) VALUES ({placeholders})",
+        db.executemany(
+            f"INSERT INTO metrics ({', '.join(map(_quoted, names))}) VALUES ({placeholders})",
             zip(*columns, strict=True),
         )
 
     def append_events(self, events: Iterable[Event]) -> None:
         """Append detector events."""
-        self._begin()
-        self._db.executemany(
+        self._begin().executemany(
             "INSERT INTO events (step, time, kind, state, message, suggestion, evidence) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
@@ -271,38 +340,159 @@ class RunWriter:
         labels_dtype, labels_blob = None, None
         if labels is not None:
             labels_dtype, _, labels_blob = _array_to_blob(labels.reshape(-1))
-        self._begin()
-        self._db.execute(
+        self._begin().execute(
             "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
             (int(step), dtype, shape, blob, labels_dtype, labels_blob),
         )
 
     def commit(self) -> None:
-        """Make everything appended so far durable and visible to readers."""
-        if self._db.in_transaction:
-            self._db.execute("COMMIT")
+        """Make everything appended so far durable and visible to readers.
 
-    def close(self, status: str = "finished") -> None:
-        """Record the final ``status``, commit, and fold the WAL back into the file."""
+        Raises:
+            RunStorageError: it could not be written; everything since the last commit is
+                rolled back, so the same rows can be appended again and retried.
+        """
+        db = self._open()
+        if not db.in_transaction:
+            return
+        try:
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self._rollback()
+            raise _storage_error(self.path, error, "write") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything appended inside is committed at the end, or (on any error) rolled back
+        and the error raised: all of it lands or none of it."""
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        self.commit()
+
+    def _rollback(self) -> None:
+        db = self._open()
+        with contextlib.suppress(sqlite3.Error):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        # Columns added in the rolled-back transaction are gone again.
+        with contextlib.suppress(sqlite3.Error):
+            self._columns = [row[1] for row in db.execute("PRAGMA table_info(metrics)")]
+
+    def close(
+        self, status: str = "finished", *, lost: Sequence[str] = (), stacklevel: int = 2
+    ) -> None:
+        """Record the final ``status``, commit, and fold the WAL back into the file.
+
+        Never raises for a storage fault: what could not be done (and ``lost``, what the
+        caller could not write) is said in one ``RuntimeWarning`` naming the path.
+        """
         if self._db is None:
             return
-        self.set_metadata({"status": status, "finished": time.time()})
-        self.commit()
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        # A finished run becomes one self-contained file again, which read-only openers
-        # can read without creating -wal/-shm files beside it. If a reader has it open
-        # right now the switch is refused; the run then simply stays in WAL mode.
-        self._db.execute("PRAGMA busy_timeout=200")
-        with contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute("PRAGMA journal_mode=DELETE")
-        self._db.close()
-        self._db = None
+        problems = list(lost)
+        try:
+            with self.transaction():
+                self.set_metadata({"status": status, "finished": time.time()})
+        except RunStorageError as error:
+            problems.append(f"its final status {status!r} was not recorded ({error.cause})")
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # A finished run becomes one self-contained file again, which read-only openers
+            # can read without creating -wal/-shm files beside it. If a reader has it open
+            # right now the switch is refused; the run then simply stays in WAL mode.
+            self._db.execute("PRAGMA busy_timeout=200")
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.Error as error:
+            # Nothing committed is lost: SQLite reads the -wal file beside the run.
+            problems.append(
+                f"its write-ahead log stays beside it in {self.path.name}-wal "
+                f"({_storage_cause(self.path, error)})"
+            )
+        finally:
+            self._db.close()
+            self._db = None
+        if problems:
+            warnings.warn(
+                f"closing run {str(self.path)!r}: {'; '.join(problems)}",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
 
-    def _begin(self) -> None:
+    def _open(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError(f"run writer for {str(self.path)!r} is closed")
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN")
+        return self._db
+
+    def _begin(self) -> sqlite3.Connection:
+        db = self._open()
+        if not db.in_transaction:
+            try:
+                db.execute("BEGIN")
+            except sqlite3.OperationalError as error:
+                raise _storage_error(self.path, error, "write") from None
+        return db
+
+
+def _create(path: Path, metadata: Mapping[str, Any]) -> None:
+    """Create the run file ``path`` complete (marker, schema, metadata) or not at all.
+
+    The run is built in a hidden draft beside it and hard-linked into place: the link is
+    atomic and fails if the name is taken, so no reader sees a half-made run, a failed start
+    leaves nothing behind, and of two processes racing on one name exactly one wins.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _storage_error(path, error, "create") from None
+    draft = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.draft")
+    try:
+        db = sqlite3.connect(draft, isolation_level=None)
+        try:
+            db.executescript(
+                f"BEGIN; PRAGMA application_id={APPLICATION_ID}; "
+                f"PRAGMA user_version={SCHEMA_VERSION}; {_SCHEMA}"
+            )
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [(str(k), _dumps(v)) for k, v in metadata.items()],
+            )
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        _link_exclusive(draft, path)
+    except sqlite3.OperationalError as error:
+        raise _storage_error(path, error, "create") from None
+    except FileExistsError:
+        raise FileExistsError(f"run file {str(path)!r} already exists") from None
+    except OSError as error:
+        raise _storage_error(path, error, "create") from None
+    finally:
+        for leftover in (draft, draft.with_name(draft.name + "-journal")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _link_exclusive(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A file system without hard links: claim the name exclusively, then move the
+        # finished draft over the (for a moment empty) claimed file.
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(source, target)
+
+
+def _quoted(identifier: str) -> str:
+    """An identifier already checked against ``_COLUMN``, quoted for SQL."""
+    return f'"{identifier}"'
 
 
 @dataclass(frozen=True)
@@ -324,21 +514,34 @@ class RunSummary:
 class RunReader:
     """Read-only access to one run file; safe while another process is writing it.
 
-    Every read returns fresh data (a new DataFrame or dict), never a live view.
+    Every read returns fresh data (a new DataFrame or dict), never a live view. The file is
+    treated as untrusted data (see the module docstring): ill-named columns are skipped and
+    malformed values read as NaN/None, each with one :class:`RunFileWarning`.
 
     Raises:
-        RunFileError: the path is missing, not a SQLite file, or not a collapsewatch run.
+        RunFileError: the path is missing, not a SQLite file, not a collapsewatch run, or a
+            read ran past :data:`QUERY_TIME_LIMIT`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._warned: set[str] = set()
+        self._deadline = math.inf
         if not self.path.is_file():
             raise RunFileError(f"{str(self.path)!r}: no such run file")
         try:
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error as error:
+            raise RunFileError(f"{str(self.path)!r} cannot be opened ({error})") from None
+        # Checked every 1,000 SQLite instructions: a query past its time limit is stopped.
+        self._db.set_progress_handler(self._past_deadline, 1000)
+        try:
+            # Functions with side effects are refused inside the file's own schema (views).
+            self._db.execute("PRAGMA trusted_schema=OFF")
             application_id = self._db.execute("PRAGMA application_id").fetchone()[0]
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as error:
+            self._db.close()
             raise RunFileError(f"{str(self.path)!r} is not a collapsewatch run ({error})") from None
         if application_id != APPLICATION_ID:
             self._db.close()
@@ -351,6 +554,32 @@ class RunReader:
                 f"{str(self.path)!r} was written by a newer collapsewatch (schema {version}); "
                 "upgrade collapsewatch to read it"
             )
+        try:
+            self._check_tables()
+        except RunFileError:
+            self._db.close()
+            raise
+
+    def _check_tables(self) -> None:
+        # A view (or anything else) under a table's name would run the file's own SQL.
+        kinds = dict(
+            self._query("SELECT name, type FROM sqlite_master WHERE name IN (?, ?, ?, ?)", _TABLES)
+        )
+        for table in _TABLES:
+            if kinds.get(table) != "table":
+                found = f"a {kinds[table]}" if table in kinds else "missing"
+                raise RunFileError(
+                    f"{str(self.path)!r} is not a collapsewatch run: its {table!r} table is {found}"
+                )
+        names = [name for name, _ in self._metric_types(validated=False)]
+        if names[:1] != ["step"] or "time" not in names:
+            raise RunFileError(
+                f"{str(self.path)!r} is not a collapsewatch run: its metrics table lacks "
+                "the step and time columns"
+            )
+
+    def _past_deadline(self) -> int:
+        return time.monotonic() > self._deadline
 
     def __enter__(self) -> RunReader:
         return self
@@ -371,22 +600,57 @@ class RunReader:
             self._query("COMMIT")
 
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
+        self._deadline = time.monotonic() + QUERY_TIME_LIMIT
         try:
             return self._db.execute(sql, parameters).fetchall()
         except sqlite3.DatabaseError as error:
+            if time.monotonic() > self._deadline:
+                raise RunFileError(
+                    f"{str(self.path)!r}: a read took longer than {QUERY_TIME_LIMIT:g} s and "
+                    "was stopped (a damaged or crafted file?)"
+                ) from None
             raise RunFileError(f"{str(self.path)!r}: cannot read run ({error})") from None
+        finally:
+            self._deadline = math.inf
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"run file {str(self.path)!r}: {message}", RunFileWarning, stacklevel=3)
 
     @property
     def name(self) -> str:
         return self.path.name[: -len(RUN_SUFFIX)]
 
     def metadata(self) -> dict[str, Any]:
-        """All metadata keys with their (JSON-decoded) values."""
-        return {key: json.loads(value) for key, value in self._query("SELECT * FROM meta")}
+        """All metadata keys with their (JSON-decoded) values; a value that is not JSON
+        reads as None."""
+        meta, broken = {}, []
+        for key, value in self._query("SELECT key, value FROM meta"):
+            try:
+                meta[str(key)] = json.loads(value)
+            except (TypeError, ValueError):
+                meta[str(key)] = None
+                broken.append(str(key))
+        if broken:
+            self._warn_once("meta", f"metadata {broken} are not JSON; read as None")
+        return meta
+
+    def _metric_types(self, validated: bool = True) -> list[tuple[str, str]]:
+        """(name, declared type) of the metrics table's columns; with ``validated``, only
+        names a writer could have made (others are skipped with a warning)."""
+        declared = [(str(row[1]), str(row[2])) for row in self._query("PRAGMA table_info(metrics)")]
+        if not validated:
+            return declared
+        valid = [(name, kind) for name, kind in declared if _COLUMN.fullmatch(name)]
+        if len(valid) < len(declared):
+            skipped = [name[:60] for name, _ in declared if not _COLUMN.fullmatch(name)]
+            self._warn_once("columns", f"metric columns with invalid names skipped: {skipped}")
+        return valid
 
     def metric_columns(self) -> list[str]:
         """Names of the metrics table's columns, ``step`` and ``time`` first."""
-        return [row[1] for row in self._query("PRAGMA table_info(metrics)")]
+        return [name for name, _ in self._metric_types()]
 
     def metrics(
         self,
@@ -400,8 +664,11 @@ class RunReader:
             since_step: only rows after this step (for polling: pass the last step seen).
             columns: the columns to read (``step`` is always included); default all.
             until_step: only rows up to this step.
+
+        A value that is not a number reads as NaN (a row whose step is not an integer is
+        skipped), with one :class:`RunFileWarning`.
         """
-        declared = {row[1]: row[2] for row in self._query("PRAGMA table_info(metrics)")}
+        declared = dict(self._metric_types())
         available = list(declared)
         wanted = list(available if columns is None else dict.fromkeys(["step", *columns]))
         unknown = [c for c in wanted if c not in available]
@@ -414,46 +681,93 @@ class RunReader:
         if until_step is not None:
             where.append("step <= ?")
             parameters.append(int(until_step))
-        sql = f"SELECT {', '.join(wanted)} FROM metrics"
+        sql = f"SELECT {', '.join(map(_quoted, wanted))} FROM metrics"
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._query(sql + " ORDER BY step", parameters)
         frame = pd.DataFrame.from_records(rows, columns=wanted)
+        steps = self._numbers(frame["step"], "step")
+        if steps.isna().any():
+            frame = frame[steps.notna()].reset_index(drop=True)
         for column in wanted:
-            if declared[column] != "INTEGER":
-                frame[column] = frame[column].astype("float64")
-            else:  # integer counts come back as integers (nullable only if a value is missing)
-                values = frame[column]
-                frame[column] = values.astype("Int64" if values.isna().any() else "int64")
+            values = self._numbers(frame[column], column)
+            if declared[column] == "INTEGER" or column == "step":
+                # Integer counts come back as integers (nullable only if a value is missing).
+                whole = values.dropna()
+                if (whole == whole.round()).all():
+                    values = values.astype("Int64" if values.isna().any() else "int64")
+            frame[column] = values
         return frame
+
+    def _numbers(self, values: pd.Series, column: str) -> pd.Series:
+        """``values`` as float64; anything that is not a number becomes NaN (warned once)."""
+        if values.dtype != object:
+            return values.astype("float64")
+        numbers = pd.to_numeric(values.map(_number_or_none), errors="coerce").astype("float64")
+        if numbers.isna().sum() > values.isna().sum():
+            self._warn_once(
+                f"metric {column}", f"metric column {column!r} holds non-numbers; read as NaN"
+            )
+        return numbers
 
     def events(self, since_id: int | None = None) -> pd.DataFrame:
         """Events in order, columns id, step, time, kind, state, message, suggestion,
-        evidence (a dict)."""
+        evidence (a dict; ``{}`` where the stored JSON is malformed)."""
         rows = self._query(
-            "SELECT id, step, time, kind, state, message, suggestion, evidence FROM events "
+            f"SELECT {', '.join(map(_quoted, _EVENT_COLUMNS))} FROM events "
             "WHERE id > ? ORDER BY id",
             (-1 if since_id is None else int(since_id),),
         )
-        columns = ["id", "step", "time", "kind", "state", "message", "suggestion", "evidence"]
-        frame = pd.DataFrame.from_records(rows, columns=columns)
-        frame["evidence"] = [json.loads(e) for e in frame["evidence"]]
+        frame = pd.DataFrame.from_records(rows, columns=list(_EVENT_COLUMNS))
+        for column in ("id", "step", "time"):
+            frame[column] = self._numbers(frame[column], f"events.{column}")
+        if frame[["id", "step"]].isna().any(axis=None):
+            self._warn_once("event steps", "events without an integer step skipped")
+            frame = frame.dropna(subset=["id", "step"]).reset_index(drop=True)
+        for column in ("kind", "state", "message", "suggestion"):
+            frame[column] = ["" if v is None else str(v) for v in frame[column]]
+        frame["evidence"] = [self._evidence(e) for e in frame["evidence"]]
         return frame.astype({"id": "int64", "step": "int64", "time": "float64"})
+
+    def _evidence(self, text: Any) -> dict[str, Any]:
+        try:
+            evidence = json.loads(text)
+        except (TypeError, ValueError):
+            evidence = None
+        if not isinstance(evidence, dict):
+            self._warn_once("evidence", "event evidence that is not a JSON object read as {}")
+            return {}
+        return evidence
 
     def snapshot_steps(self) -> list[int]:
         """Steps that have an embedding snapshot, ascending."""
-        return [row[0] for row in self._query("SELECT step FROM snapshots ORDER BY step")]
+        steps = self._query("SELECT step FROM snapshots ORDER BY step")
+        return [row[0] for row in steps if isinstance(row[0], int)]
 
     def snapshot(self, step: int) -> Snapshot:
-        """The embedding snapshot of ``step`` (``KeyError`` if there is none)."""
-        rows = self._query("SELECT * FROM snapshots WHERE step = ?", (int(step),))
+        """The embedding snapshot of ``step``.
+
+        Raises:
+            KeyError: there is none.
+            RunFileError: it is corrupt (unknown dtype, a shape its bytes do not fill).
+        """
+        rows = self._query(
+            "SELECT dtype, shape, embeddings, labels_dtype, labels FROM snapshots WHERE step = ?",
+            (int(step),),
+        )
         if not rows:
             raise KeyError(f"run {self.name!r} has no snapshot at step {step}")
-        _, dtype, shape, blob, labels_dtype, labels_blob = rows[0]
-        labels = None
-        if labels_blob is not None:
-            labels = _blob_to_array(labels_dtype, "[-1]", labels_blob)
-        return Snapshot(int(step), _blob_to_array(dtype, shape, blob), labels)
+        dtype, shape, blob, labels_dtype, labels_blob = rows[0]
+        try:
+            labels = None
+            if labels_blob is not None:
+                labels = _blob_to_array(labels_dtype, "[-1]", labels_blob)
+            embeddings = _blob_to_array(dtype, shape, blob)
+        except (TypeError, ValueError) as error:
+            raise RunFileError(
+                f"{str(self.path)!r}: the snapshot of step {step} is corrupt ({error})"
+            ) from None
+        return Snapshot(int(step), embeddings, labels)
 
     def summary(self) -> RunSummary:
         """Counts, last values and the detector's current state, without reading all rows."""
@@ -461,10 +775,9 @@ class RunReader:
         count, last_step = self._query("SELECT COUNT(*), MAX(step) FROM metrics")[0]
         last_time = last_loss = None
         if last_step is not None:
-            columns = self.metric_columns()
-            loss = "loss" if "loss" in columns else "NULL"
+            loss = '"loss"' if "loss" in self.metric_columns() else "NULL"
             last_time, last_loss = self._query(
-                f"SELECT time, {loss} FROM metrics WHERE step = ?", (last_step,)
+                f'SELECT "time", {loss} FROM metrics WHERE step = ?', (last_step,)
             )[0]
         states = self._query("SELECT state FROM events ORDER BY id DESC LIMIT 1")
         collapsed = self._query("SELECT 1 FROM events WHERE state = 'collapsed' LIMIT 1")
@@ -473,14 +786,21 @@ class RunReader:
             name=self.name,
             status=str(meta.get("status", "unknown")),
             # A run that never recorded a step has not been judged: "empty", not "healthy".
-            state=states[0][0] if states else ("healthy" if count else "empty"),
+            state=str(states[0][0]) if states else ("healthy" if count else "empty"),
             num_steps=int(count),
-            last_step=last_step,
-            last_time=last_time,
-            last_loss=last_loss,
-            margin=meta.get("margin"),
+            last_step=last_step if isinstance(last_step, int) else None,
+            last_time=_number_or_none(last_time),
+            last_loss=_number_or_none(last_loss),
+            margin=_number_or_none(meta.get("margin")),
             ever_collapsed=bool(collapsed),
         )
+
+
+def _number_or_none(value: Any) -> float | None:
+    """A stored number as a float; anything else (text, blobs, JSON junk) as None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)

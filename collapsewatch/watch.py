@@ -57,6 +57,7 @@ from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, co
 from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, triplet_statistics
+from collapsewatch.pending import PendingWrites, WriteBatch
 from collapsewatch.statistics import (
     derive_metrics,
     embedding_sums,
@@ -69,6 +70,7 @@ from collapsewatch.store import (
     Event,
     RunFileError,
     RunReader,
+    RunStorageError,
     RunSummary,
     RunWriter,
     Snapshot,
@@ -233,6 +235,7 @@ class Watcher:
             if self.resume:
                 self._replay_existing()
             self._writer = RunWriter(self.path, self._metadata(), resume=self.resume)
+            self._pending = PendingWrites(self._writer)
             self._thread = threading.Thread(
                 target=self._write_loop, name=f"collapsewatch-{self.name}", daemon=True
             )
@@ -562,30 +565,33 @@ class Watcher:
                 events.append(event)
                 if event.kind == COLLAPSED:
                     self._actions.append(event)
-        self._writer.append_metrics(columns)
-        self._writer.append_events(events)
-        for i, (embeddings, labels) in batch.snapshots.items():
-            self._writer.add_snapshot(
-                batch.steps[i], embeddings.numpy(), None if labels is None else labels.numpy()
+        snapshots = [
+            Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
+            for i, (rows, labels) in batch.snapshots.items()
+        ]
+        assert self._pending is not None
+        self._pending.add(
+            WriteBatch(
+                metrics=columns,
+                events=events,
+                snapshots=snapshots,
+                metadata={
+                    "embedding_dim": self._dim,
+                    "state": self.detector.state,
+                    "every": self.cadence.every,
+                    "difficulty_every": self.cadence.interval,
+                    "cadence_timing": self.cadence.measured,
+                },
             )
-        self._writer.set_metadata(
-            {
-                "embedding_dim": self._dim,
-                "state": self.detector.state,
-                "every": self.cadence.every,
-                "difficulty_every": self.cadence.interval,
-                "cadence_timing": self.cadence.measured,
-            }
         )
-        self._writer.commit()
+        # A full or read-only disk keeps the rows queued (bounded) for the next commit.
+        fault = self._pending.write()
+        if fault is not None:
+            self._writer_errors.append(fault)
         self.cadence.committed("writer", time.thread_time() - started, len(batch.steps))
         self.latest_metrics = {name: column[-1].item() for name, column in columns.items()}
         if self.sinks:
             frame = pd.DataFrame(columns)
-            snapshots = [
-                Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
-                for i, (rows, labels) in batch.snapshots.items()
-            ]
             for sink in self.sinks:
                 try:
                     feed(sink, frame, events, snapshots)
@@ -598,6 +604,12 @@ class Watcher:
             error = self._writer_errors.popleft()
             if isinstance(error, SinkError):
                 self._warn_once(f"log_to {error.kind}", f"watch(): {error}")
+            elif isinstance(error, RunStorageError):
+                self._warn_once(
+                    "storage",
+                    f"watch(): {error}. Training goes on; the recorded steps are kept in "
+                    "memory (up to a bound) and written once the file can be written again.",
+                )
             else:
                 self._warn_once(
                     "writer", f"watch(): writing run {str(self.path)!r} failed: {error!r}"
@@ -667,8 +679,15 @@ class Watcher:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
-            assert self._writer is not None
-            self._writer.close(status)
+            assert self._writer is not None and self._pending is not None
+            try:  # a last try for rows a full disk held back: the space may be back
+                self._pending.write()
+            except Exception as error:
+                self._writer_errors.append(error)
+            # Never raises for a storage fault: one warning says what did not reach the file.
+            self._writer.close(
+                status, lost=self._pending.lost(), stacklevel=_caller_stacklevel() + 1
+            )
             for sink in self.sinks:
                 try:
                     sink.close()  # flushes only: the writer or run passed to log_to is the user's

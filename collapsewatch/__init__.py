@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collapsewatch import losses
     from collapsewatch.columns import METRIC_COLUMNS
     from collapsewatch.detect import CollapseDetector, DetectorConfig, Verdict, analyze
+    from collapsewatch.rescue import Rescue
     from collapsewatch.store import Run, RunFileError, RunReader, list_runs, load_run
     from collapsewatch.watch import CollapseError, CollapseWarning, Watcher, watch
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "CollapseError": "collapsewatch.watch",
     "CollapseWarning": "collapsewatch.watch",
     "DetectorConfig": "collapsewatch.detect",
+    "Rescue": "collapsewatch.rescue",
     "Run": "collapsewatch.store",
     "RunFileError": "collapsewatch.store",
     "RunReader": "collapsewatch.store",
@@ -49,6 +51,7 @@ __all__ = [
     "CollapseError",
     "CollapseWarning",
     "DetectorConfig",
+    "Rescue",
     "Run",
     "RunFileError",
     "RunReader",

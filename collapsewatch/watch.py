@@ -58,6 +58,7 @@ from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, triplet_statistics
 from collapsewatch.pending import PendingWrites, WriteBatch
+from collapsewatch.rescue import Rescue
 from collapsewatch.statistics import (
     derive_metrics,
     embedding_sums,
@@ -80,7 +81,7 @@ from collapsewatch.store import (
 )
 from collapsewatch.trackers import Sink, SinkError, feed, make_sinks
 
-OnCollapse = Literal["warn", "raise", "ignore"] | Callable[[Event], Any]
+OnCollapse = Literal["warn", "raise", "ignore", "rescue"] | Rescue | Callable[[Event], Any]
 
 
 class CollapseError(RuntimeError):
@@ -217,6 +218,8 @@ class Watcher:
         self._dim: int | None = None
         self._warned: set[str] = set()
         self._actions: deque[Event] = deque()
+        # Events from the training thread (a Rescue's), written with the next commit.
+        self._noted: deque[Event] = deque()
         self._writer_errors: deque[BaseException] = deque()
         # A loss that reports its own statistics (the bundled ones, or any loss following
         # the ReportsStatistics protocol) is switched per recorded step and read.
@@ -569,6 +572,7 @@ class Watcher:
             Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
             for i, (rows, labels) in batch.snapshots.items()
         ]
+        events += self._take_noted()
         assert self._pending is not None
         self._pending.add(
             WriteBatch(
@@ -630,6 +634,16 @@ class Watcher:
                     stacklevel=_caller_stacklevel(),
                 )
 
+    def note_event(self, event: Event) -> None:
+        """Record ``event`` (made in the training thread) with the next commit."""
+        self._noted.append(event)
+
+    def _take_noted(self) -> list[Event]:
+        taken = []
+        while self._noted:
+            taken.append(self._noted.popleft())
+        return taken
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -675,11 +689,17 @@ class Watcher:
             handle.remove()
         if self._self_reporting:
             self.loss_fn.statistics, self.loss_fn.difficulty = self._original_switches
+        if isinstance(self.on_collapse, Rescue):
+            self.on_collapse.detach()
         self.flush()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             assert self._writer is not None and self._pending is not None
+            noted = self._take_noted()
+            if noted:  # events of the training thread made after the last commit
+                empty = {"step": np.zeros(0, dtype=np.int64), "time": np.zeros(0)}
+                self._pending.add(WriteBatch(metrics=empty, events=noted))
             try:  # a last try for rows a full disk held back: the space may be back
                 self._pending.write()
             except Exception as error:
@@ -832,9 +852,11 @@ def watch(
     resume: bool = False,
     config: Mapping[str, Any] | None = None,
     distance: Distance | None = None,
-    commit_every: int = 50,
+    commit_every: int | None = None,
     commit_interval: float = 5.0,
     on_collapse: OnCollapse = "warn",
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
     detector: DetectorConfig | None = None,
     dashboard: bool | int = False,
     log_to: Any = None,
@@ -879,12 +901,17 @@ def watch(
         config: free-form JSON-serialisable dict saved with the run.
         distance: the distance to compute a foreign loss's statistics under; found from the
             loss when omitted (Euclidean by default).
-        commit_every: copy to host and commit every k recorded steps ...
+        commit_every: copy to host and commit every k recorded steps (default 50; 1 when
+            rescuing, so that a collapse is acted on within one recording interval) ...
         commit_interval: ... or every this many seconds, whichever comes first. A killed
             process loses at most this much.
         on_collapse: "warn" (a :class:`CollapseWarning`), "raise" (a :class:`CollapseError`
-            from the next loss call), "ignore", or a callable given the collapse ``Event``;
-            acted on once per onset.
+            from the next loss call), "ignore", "rescue" (restore the last healthy state of
+            the model and ``optimizer`` and apply a remedy: :class:`collapsewatch.Rescue`,
+            which may also be passed itself for other settings), or a callable given the
+            collapse ``Event``; acted on once per onset.
+        optimizer: the run's optimizer, for ``on_collapse="rescue"``.
+        scheduler: an LR scheduler to restore and adjust with it (``on_collapse="rescue"``).
         detector: thresholds of the collapse detector.
         dashboard: True (port 8050) or a port: serve this logdir's dashboard from a child
             process and print its URL.
@@ -909,6 +936,17 @@ def watch(
     check_interval("every", every)
     check_interval("difficulty_every", difficulty_every)
     check_overhead(overhead)
+    if on_collapse == "rescue":
+        if optimizer is None:
+            raise ValueError(
+                "on_collapse='rescue' needs the run's optimizer: watch(..., optimizer=opt, "
+                "on_collapse='rescue')"
+            )
+        on_collapse = Rescue(optimizer, scheduler=scheduler)
+    elif optimizer is not None or scheduler is not None:
+        raise ValueError("optimizer= and scheduler= are for on_collapse='rescue'")
+    if commit_every is None:
+        commit_every = 1 if isinstance(on_collapse, Rescue) else 50
     if not isinstance(commit_every, int) or commit_every < 1:
         raise ValueError(f"commit_every must be an integer ≥ 1, got {commit_every!r}")
     for option, value in {
@@ -922,7 +960,8 @@ def watch(
         raise ValueError(f"commit_interval must be > 0 seconds, got {commit_interval!r}")
     if on_collapse not in ("warn", "raise", "ignore") and not callable(on_collapse):
         raise ValueError(
-            f"on_collapse must be 'warn', 'raise', 'ignore' or a callable, got {on_collapse!r}"
+            f"on_collapse must be 'warn', 'raise', 'ignore', 'rescue', a Rescue or a callable, "
+            f"got {on_collapse!r}"
         )
     detector_config = detector or DetectorConfig()
     sinks = make_sinks(log_to)
@@ -982,6 +1021,8 @@ def watch(
         config=dict(config or {}),
         sinks=sinks,
     )
+    if isinstance(on_collapse, Rescue):
+        on_collapse.attach(watcher)
     if dashboard and rank == 0:
         _start_dashboard(Path(logdir), 8050 if dashboard is True else int(dashboard))
     return watcher

@@ -120,7 +120,8 @@ def test_without_pruning_the_verdict_is_still_recorded(tmp_path):
 
 def test_on_collapse_is_watch_trials_own(tmp_path):
     trial = optuna.create_study().ask()
-    with pytest.raises(ValueError, match="sets on_collapse itself"), watch_trial(
-        trial, DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), on_collapse="raise"
+    with (
+        pytest.raises(ValueError, match="sets on_collapse itself"),
+        watch_trial(trial, DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), on_collapse="raise"),
     ):
         pass

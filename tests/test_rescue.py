@@ -1,0 +1,146 @@
+"""on_collapse="rescue": restore the last healthy state, apply a remedy, train on.
+
+Truth from the embeddings of a held-out split, never from the detector: the demo's
+collapsing run (digits, batch-hard, SGD lr 0.5 with momentum, margin 0.2, L2-normalised)
+shrinks the held-out points to a speck; rescued, it must end spread out with the kNN
+accuracy of a run that used the scaled variant from the start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+import collapsewatch as cw
+from collapsewatch.demo import DigitsEmbedder, load_digits_tensors, random_batches
+from collapsewatch.rescue import RESCUE_FAILED, RESCUED, Rescue, RescueContext
+
+pytestmark = pytest.mark.slow
+IMAGES, LABELS = load_digits_tensors()
+ORDER = torch.randperm(len(LABELS), generator=torch.Generator().manual_seed(0))
+TRAIN, HELD_OUT = ORDER[:1400], ORDER[1400:]
+STEPS = 200
+
+
+def embed(model, part):
+    with torch.no_grad():
+        return model(IMAGES[part]).numpy()
+
+
+def held_out_spread(model) -> float:
+    z = embed(model, HELD_OUT)
+    return float(np.linalg.norm(z - z.mean(axis=0), axis=1).mean())
+
+
+def knn_accuracy(model) -> float:
+    knn = KNeighborsClassifier(5).fit(embed(model, TRAIN), LABELS[TRAIN].numpy())
+    return float(knn.score(embed(model, HELD_OUT), LABELS[HELD_OUT].numpy()))
+
+
+def train(tmp_path, name, *, scaled=False, steps=STEPS, on_collapse="ignore", scheduler=None):
+    """Train the demo's collapsing configuration; ``on_collapse`` may also be a function of
+    the optimizer that makes a Rescue."""
+    torch.manual_seed(0)
+    model = DigitsEmbedder()
+    loss_fn = cw.losses.BatchHardTripletLoss(margin=0.2, scaled=scaled)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    sched = scheduler(opt) if scheduler else None
+    batches = random_batches(len(TRAIN), 256, torch.Generator().manual_seed(0))
+    options = {"optimizer": opt, "scheduler": sched} if on_collapse == "rescue" else {}
+    if callable(on_collapse):
+        on_collapse = on_collapse(opt)
+    with cw.watch(
+        model, loss_fn, logdir=tmp_path, run=name, every=1, on_collapse=on_collapse, **options
+    ) as w:
+        for _ in range(steps):
+            index = TRAIN[next(batches)]
+            loss = loss_fn(model(IMAGES[index]), LABELS[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    return model, loss_fn, opt, cw.load_run(w.path)
+
+
+@pytest.fixture(scope="module")
+def initial_spread():
+    torch.manual_seed(0)
+    return held_out_spread(DigitsEmbedder())
+
+
+def test_a_rescued_run_ends_like_the_scaled_run_and_an_unrescued_one_collapses(
+    tmp_path, initial_spread
+):
+    plain, _, _, plain_run = train(tmp_path, "plain")
+    rescued, loss_fn, _, rescued_run = train(tmp_path, "rescued", on_collapse="rescue")
+    scaled, _, _, _ = train(tmp_path, "scaled", scaled=True)
+    # Without rescue: collapsed, from the held-out embeddings.
+    assert held_out_spread(plain) < 0.05 * initial_spread
+    # Rescued: spread out again, and as good a retrieval model as the scaled run.
+    assert held_out_spread(rescued) > 0.5 * initial_spread
+    assert abs(knn_accuracy(rescued) - knn_accuracy(scaled)) <= 0.02
+    assert loss_fn.scaled  # the first remedy
+    events = rescued_run.events
+    (rescue,) = events[events["kind"] == RESCUED].itertuples()
+    collapse = events[events["kind"] == "collapsed"].iloc[0]
+    assert rescue.evidence["restored_step"] <= collapse["evidence"]["since_step"]
+    assert collapse["step"] <= rescue.step <= collapse["step"] + 10  # the next decision step
+    assert "scaled variant" in rescue.message and rescue.evidence["attempt"] == 1
+    verdict = cw.analyze(rescued_run)
+    # The collapse span closes: recovered once the restored embeddings spread out.
+    assert not verdict.collapsed_at_end and verdict.recovered_step is not None
+    assert verdict.collapse_spans[0][1] > rescue.step
+    assert cw.analyze(plain_run).collapsed_at_end
+
+
+def test_remedies_run_in_order_and_the_rescue_gives_up_when_they_are_used_up(tmp_path):
+    restored = []
+
+    def nothing(context: RescueContext) -> str:
+        restored.append({k: v.clone() for k, v in context.model.state_dict().items()})
+        return "changed nothing"
+
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in DigitsEmbedder().state_dict().items()}
+    _, loss_fn, _, run = train(
+        tmp_path, "stubborn", steps=160, on_collapse=lambda opt: Rescue(opt, remedies=[nothing])
+    )
+    kinds = run.events["kind"].tolist()
+    assert kinds.count(RESCUED) == 1 and kinds.count(RESCUE_FAILED) == 1
+    assert kinds.index(RESCUED) < kinds.index(RESCUE_FAILED)
+    assert not loss_fn.scaled  # the only remedy given was used, nothing else
+    # The first rescue restored the state before any training (the collapse began at once).
+    assert all(torch.equal(restored[0][k], initial[k]) for k in initial)
+    assert cw.analyze(run).collapsed_at_end
+
+
+def test_halving_the_learning_rate_reaches_the_scheduler(tmp_path):
+    def after_scaled(context: RescueContext) -> None:
+        return None  # does not apply: the next remedy is tried
+
+    def rescue_with_halving(opt):
+        return Rescue(opt, remedies=[after_scaled, cw.rescue.halve_learning_rate])
+
+    scheduler = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1000)  # noqa: E731
+    _, _, opt, run = train(
+        tmp_path, "halved", steps=60, on_collapse=rescue_with_halving, scheduler=scheduler
+    )
+    rescue = run.events[run.events["kind"] == RESCUED].iloc[0]
+    assert "0.5 → 0.25" in rescue["message"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_rescue_needs_the_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="needs the run's optimizer"):
+        cw.watch(DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), on_collapse="rescue")
+    with pytest.raises(ValueError, match="are for on_collapse='rescue'"):
+        cw.watch(
+            DigitsEmbedder(),
+            cw.losses.BatchHardTripletLoss(),
+            optimizer=torch.optim.SGD(DigitsEmbedder().parameters(), lr=0.1),
+        )
+    with pytest.raises(TypeError, match="Optimizer"):
+        Rescue("sgd")

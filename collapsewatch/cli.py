@@ -288,7 +288,13 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     if args.exit_with is not None:
         _exit_with(args.exit_with)
     console.print(f"collapsewatch dashboard: http://{args.host}:{args.port}")
-    serve(args.logdir, host=args.host, port=args.port, interval_ms=args.interval)
+    serve(
+        args.logdir,
+        host=args.host,
+        port=args.port,
+        interval_ms=args.interval,
+        allowed_hosts=args.allow_host,
+    )
     return 0
 
 
@@ -404,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--interval", type=int, default=2000, help="polling interval in ms")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for host NAME (repeatable; '*' for any); by default only "
+        "127.0.0.1, localhost and ::1, so web pages cannot read the runs by DNS rebinding",
+    )
     p.add_argument(
         "--exit-with",
         type=int,

@@ -44,24 +44,43 @@ def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> 
     ‖x_i − x_j‖² is taken as G_ii + G_jj − 2 G_ij with G = X Xᵀ. Every row is first shifted
     by the first row (distances do not change) so that embeddings collapsed far from the
     origin do not lose their small distances to cancellation; a data row rather than the mean
-    keeps the shift exact where the inputs are (ties stay ties). The squared norms are read
-    off G's own diagonal so that duplicate rows come out at exactly zero. The square root has a zero
-    gradient at zero distance (a valid subgradient) instead of an infinite one.
+    keeps the shift exact where the inputs are (ties stay ties). The rows are then divided by
+    s, the power of two just above max |x_ij| (exact in floating point, found on the device),
+    and the distances multiplied back by s (s² squared): squares of float32 embeddings with
+    |x| ≳ 1e19 would overflow to inf, and those of tiny ones underflow. The squared norms are
+    read off G's own diagonal so that duplicate rows come out at exactly zero. The square
+    root has a zero gradient at zero distance (a valid subgradient) instead of an infinite
+    one.
     """
     check_distance(distance)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x = embeddings.to(compute_dtype(embeddings.dtype))
         if distance == "cosine":
+            x = x / _power_of_two_above(x)  # the norm squares too; cosine ignores the scale
             unit = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
             return (1.0 - unit @ unit.T).clamp(0.0, 2.0)
         x = x - x[:1].detach()
+        scale = _power_of_two_above(x)
+        x = x / scale
         gram = x @ x.T
         squared_norms = torch.diagonal(gram)
         squared = (squared_norms[:, None] + squared_norms[None, :]).sub_(gram, alpha=2.0)
         squared = squared.clamp_min_(0.0)
         if distance == "squared_euclidean":
-            return squared
-        return _SqrtZeroGradAtZero.apply(squared)
+            return squared * scale.square()
+        return _SqrtZeroGradAtZero.apply(squared) * scale
+
+
+def _power_of_two_above(x: Tensor) -> Tensor:
+    """2^e with max |x| < 2^e (1 for an all-zero or empty x), a detached 0-d tensor.
+
+    A power of two so that dividing by it is exact: distances of ordinary embeddings come
+    out bit for bit as without it. Computed on x's device (no host synchronisation).
+    """
+    if x.numel() == 0:
+        return x.new_ones(())
+    _, exponent = torch.frexp(x.detach().abs().amax())
+    return torch.ldexp(x.new_ones(()), exponent)
 
 
 class _SqrtZeroGradAtZero(torch.autograd.Function):

@@ -68,7 +68,7 @@ def pairwise_distances(embeddings: Tensor, distance: Distance = "euclidean") -> 
         squared = squared.clamp_min_(0.0)
         if distance == "squared_euclidean":
             return squared * scale.square()
-        return _SqrtZeroGradAtZero.apply(squared) * scale
+        return _ScaledSqrt.apply(squared, scale)
 
 
 def _power_of_two_above(x: Tensor) -> Tensor:
@@ -83,16 +83,22 @@ def _power_of_two_above(x: Tensor) -> Tensor:
     return torch.ldexp(x.new_ones(()), exponent)
 
 
-class _SqrtZeroGradAtZero(torch.autograd.Function):
-    """√x for x ≥ 0 whose gradient at x = 0 is 0 (a subgradient of ‖·‖) instead of ∞."""
+class _ScaledSqrt(torch.autograd.Function):
+    """s·√x for x ≥ 0 and a constant s > 0, whose gradient at x = 0 is 0 (a subgradient of
+    ‖·‖) instead of ∞. One function so that the scale costs one in-place multiply each way:
+    d/dx s√x = s²/(2·s√x), applied as two multiplies by s because s² overflows float32 for
+    s ≥ 2⁶⁴."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, squared: Tensor) -> Tensor:
-        root = squared.sqrt()
-        ctx.save_for_backward(root)
+    def forward(ctx: torch.autograd.function.FunctionCtx, squared: Tensor, scale: Tensor) -> Tensor:
+        root = squared.sqrt().mul_(scale)
+        ctx.save_for_backward(root, scale)
         return root
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
-        (root,) = ctx.saved_tensors
-        return torch.where(root > 0, grad / (2.0 * root), 0.0)
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        root, scale = ctx.saved_tensors
+        # grad·(s/2)/root first: grad/root alone underflows for the scaled variant's tiny
+        # gradients at |x| ~1e25, and s² would overflow.
+        grad = (grad * (0.5 * scale)).div_(root).mul_(scale)
+        return torch.where(root > 0, grad, 0.0), None

@@ -1,7 +1,8 @@
 """The ``collapsewatch`` command line: analyze, report, compare, runs, dashboard, demo, export.
 
 Exit status: 0 on success (whatever the verdict), 1 for ``analyze --fail-on-collapse`` on a
-run collapsed at its end, 2 for bad arguments, missing paths or files that are not runs.
+run collapsed or diverged at its end, 2 for bad arguments, missing paths or files that are
+not runs.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from rich.table import Table
 
 from collapsewatch._version import __version__
 from collapsewatch.detect import Verdict, analyze
+from collapsewatch.states import RunState, display_state
 from collapsewatch.store import Run, RunFileError, RunReader, iter_readable_runs, load_run
 
 STATE_STYLE = {
-    "healthy": "green",
-    "warning": "yellow",
-    "collapsed": "bold red",
-    "recovered": "cyan",
-    "empty": "dim",
+    RunState.HEALTHY: "green",
+    RunState.WARNING: "yellow",
+    RunState.COLLAPSED: "bold red",
+    RunState.DIVERGED: "bold magenta",
+    RunState.RECOVERED: "cyan",
+    RunState.EMPTY: "dim",
 }
 FINAL_COLUMNS = (
     "loss_margin_ratio",
@@ -50,13 +53,6 @@ def _load(path: str) -> Run:
         return load_run(path)
     except RunFileError as error:
         raise CommandError(str(error)) from None
-
-
-def display_state(verdict: Verdict) -> str:
-    """The state a run list shows: "recovered" for a healthy run that once collapsed."""
-    if verdict.state == "healthy" and verdict.collapsed:
-        return "recovered"
-    return verdict.state
 
 
 def final_metrics(metrics: pd.DataFrame) -> dict[str, float | None]:
@@ -103,7 +99,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"[bold]{run.name}[/]  {run.path}")
         console.print(
-            f"state {_state(display_state(verdict))} after {len(run.metrics)} recorded steps "
+            f"state {_state(verdict.display_state)} after {len(run.metrics)} recorded steps "
             f"(last step {verdict.last_step}, status {run.metadata.get('status')})"
         )
         if verdict.collapsed:
@@ -113,6 +109,8 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[bold red]collapsed[/] at step {verdict.onset_step}{recovered}")
         else:
             console.print("no collapse detected")
+        if verdict.diverged_step is not None:
+            console.print(f"[bold magenta]diverged[/] at step {verdict.diverged_step}")
         if verdict.events:
             table = Table("step", "event", "state", "what happened", title="events")
             for event in verdict.events:
@@ -121,7 +119,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         suggestions = dict.fromkeys(e.suggestion for e in verdict.events if e.suggestion)
         for suggestion in suggestions:
             console.print(f"[bold]what to try:[/] {suggestion}")
-    return 1 if args.fail_on_collapse and verdict.collapsed_at_end else 0
+    return 1 if args.fail_on_collapse and verdict.failed_at_end else 0
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
@@ -133,7 +131,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             {
                 "run": run.name,
                 "path": str(run.path),
-                "state": display_state(verdict),
+                "state": verdict.display_state.value,
                 "collapsed": verdict.collapsed,
                 "onset_step": verdict.onset_step,
                 "recovered_step": verdict.recovered_step,
@@ -192,7 +190,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
             except RunFileError as error:
                 rows.append({"run": path.name, "path": str(path), "error": str(error)})
                 continue
-        state = "recovered" if s.state == "healthy" and s.ever_collapsed else s.state
+        state = display_state(s.state, s.ever_collapsed).value
         rows.append(
             {
                 "run": s.name,
@@ -340,7 +338,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         final = final_metrics(run.metrics)
         table.add_row(
             run.name,
-            _state(display_state(verdict)),
+            _state(verdict.display_state.value),
             str(verdict.onset_step if verdict.onset_step is not None else "–"),
             _number(final["loss_margin_ratio"]),
             _number(final["mean_pairwise_distance"]),
@@ -382,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fail-on-collapse",
         action="store_true",
-        help="exit with status 1 if the run is collapsed at its last step",
+        help="exit with status 1 if the run is collapsed or diverged at its last step",
     )
     p.set_defaults(handler=cmd_analyze)
 

@@ -67,6 +67,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("alignment", "alignment", ".3f", needs_labels=True, rank_step=True),
     Column("uniformity", "uniformity", ".3f", rank_step=True),
     Column("nonfinite_count", "non-finite entries", "d", bad="high"),
+    Column("nonfinite_loss_count", "non-finite losses", "d", bad="high"),
     Column("embedding_dim", "dimensions", "d"),
     Column("batch_size", "batch size", "d"),
     Column("num_valid_triplets", "valid triplets", ".0f"),

@@ -20,11 +20,14 @@ Rules (every threshold is a field of :class:`DetectorConfig`):
   plateau while the points stay together is not a recovery.
 * Independently, dimensional collapse (the effective rank far below what the batch's
   classes need, min(C − 1, D, N − 1), for ``window`` steps; below ``rank_fraction`` × D
-  when the labels are unknown) and non-finite embeddings raise warnings of their own, once
-  per onset.
+  when the labels are unknown) raises a warning of its own, once per onset.
+* *Diverged*: a non-finite loss or embedding entry (counted on the device over unrecorded
+  steps too), or embedding norms ``divergence_orders`` powers of ten above their scale at
+  the start; cleared after ``recovery_window`` steps without any of it.
 
-The run's state is "collapsed" if the plateau machine says so, else "warning" if it or
-either independent warning is active, else "healthy".
+The run's state (:class:`~collapsewatch.states.RunState`) is "diverged" if that rule holds,
+else "collapsed" if the plateau machine says so, else "warning" if it or the rank warning
+is active, else "healthy".
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from collapsewatch.states import FAILED_STATES, RunState, display_state
 from collapsewatch.store import Event, Run, load_run
 
-HEALTHY, WARNING, COLLAPSED = "healthy", "warning", "collapsed"
-EMPTY = "empty"
-"""The state of a run that has not recorded a step: nothing has been judged."""
+HEALTHY, WARNING, COLLAPSED = RunState.HEALTHY, RunState.WARNING, RunState.COLLAPSED
+DIVERGED, EMPTY = RunState.DIVERGED, RunState.EMPTY
 
 COLLAPSE_ADVICE = {
     "bundled": (
@@ -88,9 +91,10 @@ SUGGESTIONS = {
         "The embeddings span only a few directions. Try a lower learning rate, L2-normalised "
         "embeddings, a wider embedding layer, or larger batches."
     ),
-    "nonfinite": (
-        "Lower the learning rate, clip gradients, check the inputs for NaN, and compute the "
-        "loss in float32 if you train in half precision."
+    "diverged": (
+        "Training diverged: lower the learning rate, clip gradients "
+        "(torch.nn.utils.clip_grad_norm_), add a learning-rate warm-up, check the inputs for "
+        "NaN, and compute the loss in float32 if you train in half precision."
     ),
 }
 
@@ -110,6 +114,7 @@ class DetectorConfig:
     rank_class_recovery_fraction: float = 0.6
     rank_fraction: float = 0.05  # without labels (num_classes unknown): a share of D
     rank_recovery_fraction: float = 0.1
+    divergence_orders: float = 6.0  # embedding norms this many powers of 10 above their start
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -179,18 +184,24 @@ class CollapseDetector:
     clear_since: int | None = None
     low_rank_since: int | None = None
     low_rank: bool = False
-    nonfinite: bool = False
+    diverged: bool = False
+    diverged_since: int | None = None
+    sane_since: int | None = None
+    first_step: int | None = None
+    start_norm: float = 0.0
     last_step: int | None = None
 
     @property
-    def state(self) -> str:
-        """The run's current state: "empty" (no step yet), "healthy", "warning" or
-        "collapsed"."""
+    def state(self) -> RunState:
+        """The run's current state: empty (no step yet), diverged, collapsed, warning or
+        healthy, in that order of precedence."""
         if self.last_step is None:
             return EMPTY
+        if self.diverged:
+            return DIVERGED
         if self.plateau_state == COLLAPSED:
             return COLLAPSED
-        if self.plateau_state == WARNING or self.low_rank or self.nonfinite:
+        if self.plateau_state == WARNING or self.low_rank:
             return WARNING
         return HEALTHY
 
@@ -204,11 +215,13 @@ class CollapseDetector:
         time = time if math.isfinite(time) else 0.0
         events = self._plateau(step, row)
         events += self._rank(step, row)
-        events += self._nonfinite(step, row)
+        events += self._divergence(step, row)
         # Each event reports the overall state once everything this step changed is in;
         # NaN evidence becomes None so an event reads back from the run file unchanged.
         return [
-            Event(e.step, e.kind, self.state, e.message, e.suggestion, _finite(e.evidence), time)
+            Event(
+                e.step, e.kind, self.state.value, e.message, e.suggestion, _finite(e.evidence), time
+            )
             for e in events
         ]
 
@@ -350,27 +363,56 @@ class CollapseDetector:
             return [Event(step, "dimensional_collapse_cleared", HEALTHY, message, "", evidence)]
         return []
 
-    def _nonfinite(self, step: int, row: Mapping[str, Any]) -> list[Event]:
-        count = _value(row, "nonfinite_count")
-        if not math.isfinite(count):
-            return []
-        if not self.nonfinite and count > 0:
-            self.nonfinite = True
-            message = f"Non-finite embeddings at step {step}: {count:.0f} NaN/inf entries."
-            return [
-                Event(
-                    step,
-                    "nonfinite",
-                    WARNING,
-                    message,
-                    SUGGESTIONS["nonfinite"],
-                    {"nonfinite_count": count},
+    def _divergence(self, step: int, row: Mapping[str, Any]) -> list[Event]:
+        """Diverged: a non-finite loss or embedding entry (counted over unrecorded steps
+        too), a non-finite spread, or embedding norms ``divergence_orders`` powers of ten
+        above their scale at the start (the largest norm of the first ``window`` steps, so
+        a model initialised near zero has grown to its working scale first). Cleared once
+        none of that has held for ``recovery_window`` steps."""
+        c = self.config
+        norm = _value(row, "embedding_norm_mean")
+        if self.first_step is None:
+            self.first_step = step
+        if step - self.first_step < c.window and math.isfinite(norm):
+            self.start_norm = max(self.start_norm, norm)
+        entries, losses = _value(row, "nonfinite_count"), _value(row, "nonfinite_loss_count")
+        variance = _value(row, "embedding_variance")
+        exploded = self.start_norm > 0 and norm > 10**c.divergence_orders * self.start_norm
+        nonfinite = entries > 0 or losses > 0 or variance == math.inf or norm == math.inf
+        bad = nonfinite or exploded
+        self.sane_since = _streak(self.sane_since, not bad, step)
+        evidence = {
+            "nonfinite_count": entries,
+            "nonfinite_loss_count": losses,
+            "embedding_norm_mean": norm,
+            "start_embedding_norm_mean": self.start_norm,
+            "embedding_variance": variance,
+        }
+        if not self.diverged and bad:
+            self.diverged, self.diverged_since = True, step
+            if nonfinite:
+                what = []
+                if losses > 0:
+                    what.append(f"{losses:.0f} non-finite loss value(s)")
+                if entries > 0:
+                    what.append(f"{entries:.0f} NaN/inf embedding entries")
+                cause = " and ".join(what) or "non-finite embedding statistics"
+            else:
+                cause = (
+                    f"the mean embedding norm is {norm:.3g}, "
+                    f"{math.log10(norm / self.start_norm):.1f} orders of magnitude above its "
+                    f"start ({self.start_norm:.3g})"
                 )
-            ]
-        if self.nonfinite and count == 0:
-            self.nonfinite = False
-            message = f"Embeddings finite again at step {step}."
-            return [Event(step, "nonfinite_cleared", HEALTHY, message, "", {"nonfinite_count": 0})]
+            message = f"Diverged at step {step}: {cause}."
+            return [Event(step, "diverged", DIVERGED, message, SUGGESTIONS["diverged"], evidence)]
+        if self.diverged and not bad and step - self.sane_since >= c.recovery_window:
+            self.diverged = False
+            evidence["since_step"] = self.sane_since
+            message = (
+                f"Divergence cleared at step {step}: losses and embeddings finite and at "
+                f"their scale since step {self.sane_since}."
+            )
+            return [Event(step, "diverged_cleared", HEALTHY, message, "", evidence)]
         return []
 
 
@@ -380,7 +422,8 @@ class Verdict:
 
     ``onset_step`` is the first step flagged collapsed; ``recovered_step`` the step the run
     recovered from its latest collapse, None if it never collapsed or is still collapsed;
-    ``collapse_spans`` every (onset, recovery or None) pair.
+    ``collapse_spans`` every (onset, recovery or None) pair. ``diverged_step`` is the first
+    step flagged diverged (None if never).
     """
 
     collapsed: bool
@@ -391,6 +434,17 @@ class Verdict:
     last_step: int | None
     collapse_spans: tuple[tuple[int, int | None], ...]
     events: tuple[Event, ...]
+    diverged_step: int | None = None
+
+    @property
+    def display_state(self) -> RunState:
+        """The state a run list shows ("recovered" for a healthy run that once collapsed)."""
+        return display_state(self.state, self.collapsed)
+
+    @property
+    def failed_at_end(self) -> bool:
+        """Whether the run is collapsed or diverged at its last step."""
+        return self.state in FAILED_STATES
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -398,15 +452,16 @@ class Verdict:
             "collapsed": self.collapsed,
             "onset_step": self.onset_step,
             "recovered_step": self.recovered_step,
-            "state": self.state,
+            "state": str(self.state),
             "collapsed_at_end": self.collapsed_at_end,
             "last_step": self.last_step,
             "collapse_spans": [list(span) for span in self.collapse_spans],
+            "diverged_step": self.diverged_step,
             "events": [
                 {
                     "step": e.step,
                     "kind": e.kind,
-                    "state": e.state,
+                    "state": str(e.state),
                     "message": e.message,
                     "suggestion": e.suggestion,
                     "evidence": dict(e.evidence),
@@ -435,6 +490,7 @@ def verdict_from_events(events: Iterable[Event], state: str, last_step: int | No
         last_step=last_step,
         collapse_spans=tuple((int(a), b) for a, b in spans),  # type: ignore[arg-type]
         events=events,
+        diverged_step=next((e.step for e in events if e.kind == "diverged"), None),
     )
 
 

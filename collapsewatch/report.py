@@ -16,14 +16,16 @@ from typing import Any
 import plotly.io as pio
 
 from collapsewatch.detect import Verdict
+from collapsewatch.states import RunState
 from collapsewatch.store import Run
 
 STATE_COLOURS = {  # Okabe–Ito, always shown together with the state's name
-    "healthy": "#009E73",
-    "recovered": "#0072B2",
-    "warning": "#E69F00",
-    "collapsed": "#D55E00",
-    "empty": "#9AA5B1",
+    RunState.HEALTHY: "#009E73",
+    RunState.RECOVERED: "#0072B2",
+    RunState.WARNING: "#E69F00",
+    RunState.COLLAPSED: "#D55E00",
+    RunState.DIVERGED: "#CC79A7",
+    RunState.EMPTY: "#9AA5B1",
 }
 
 _CSS = """
@@ -56,10 +58,12 @@ def _number(value: Any) -> str:
 
 
 def _state(verdict: Verdict) -> str:
-    return "recovered" if verdict.state == "healthy" and verdict.collapsed else verdict.state
+    return verdict.display_state.value
 
 
 def _headline(verdict: Verdict) -> str:
+    if verdict.state == RunState.DIVERGED:
+        return f"Diverged at step {verdict.diverged_step} and still diverged at the last step."
     if verdict.collapsed_at_end:
         return f"Collapsed at step {verdict.onset_step} and still collapsed at the last step."
     if verdict.collapsed:
@@ -77,7 +81,7 @@ def _verdict_section(verdict: Verdict) -> str:
         f'<section class="card verdict" style="--state:{STATE_COLOURS.get(state, "#616e7c")}">',
         f'<span class="badge">{_e(state)}</span><strong>{_e(_headline(verdict))}</strong>',
     ]
-    collapse = next((e for e in verdict.events if e.kind == "collapsed"), None)
+    collapse = next((e for e in verdict.events if e.kind in ("diverged", "collapsed")), None)
     if collapse is not None:
         parts.append(f"<p>{_e(collapse.message)}</p>")
     suggestions = dict.fromkeys(e.suggestion for e in verdict.events if e.suggestion)

@@ -28,7 +28,10 @@ num_classes            C, distinct labels among the rows (label mod ``CLASS_BUCK
 within_class_variance_ratio  tr Σ_W / tr Σ_T (NC1): 1 no class structure, → 0 tight classes
 alignment              mean over positive pairs i ≠ j of ‖u_i − u_j‖², u = z/‖z‖
 uniformity             log mean over pairs i ≠ j of exp(−2‖u_i − u_j‖²)
-nonfinite_count        NaN/inf entries among the step's embeddings
+nonfinite_count        NaN/inf entries among the step's embeddings, plus those of the
+                       unrecorded steps since the previous recorded one
+nonfinite_loss_count   non-finite (NaN/inf) loss values at this step and at the unrecorded
+                       steps since the previous recorded one
 embedding_dim          D
 batch_size             N, rows of the step's embeddings (finite and not)
 num_valid_triplets     valid (a, p, n) triplets the statistics were computed over
@@ -69,7 +72,8 @@ CLASS_BUCKETS = 1024
 # Relative size under which tr Σ_T is rounding noise of Σ‖z‖² (all rows equal): ratio unknown.
 _ROUNDING = 1e-12
 
-# Layout of a step vector: [loss, triplet sums…, embedding sums…], the embedding sums being
+# Layout of a step vector: [loss, triplet sums…, embedding sums…, non-finite losses], the
+# embedding sums being
 # [rows, finite rows, non-finite entries, Σ‖z‖, Σ z², Σ_i z_i (D), Σ_i ẑ_i (D), Σ_i ẑ_i² (D)].
 _TRIPLET = slice(1, 1 + len(STATISTIC_FIELDS))
 _EMBEDDING = 1 + len(STATISTIC_FIELDS)
@@ -81,7 +85,7 @@ _PAIR_SUMS = 4
 
 def step_vector_size(dim: int) -> int:
     """Length of a step vector for embeddings of dimension ``dim`` (without the Gram)."""
-    return _EMBEDDING + _SCALARS + 3 * dim
+    return _EMBEDDING + _SCALARS + 3 * dim + 1
 
 
 def rank_step_size(dim: int, buckets: int = CLASS_BUCKETS) -> int:
@@ -172,22 +176,49 @@ def step_vectors(
     losses: Sequence[Tensor | None],
     triplets: Sequence[TripletStatistics | None],
     embedding_sums: Tensor,
+    skipped: Tensor | None = None,
 ) -> Tensor:
     """S steps' vectors, (S, step_vector_size(D)) float64: [loss, triplet sums,
-    ``embedding_sums(z)``] each, NaN where the loss or its statistics are unknown.
+    ``embedding_sums(z)``, non-finite losses] each, NaN where the loss or its statistics are
+    unknown.
 
     ``losses``: S 0-d tensors or None; ``triplets``: S ``TripletStatistics`` or None;
-    ``embedding_sums``: (S, 5 + 3D). A handful of kernels whatever S is.
+    ``embedding_sums``: (S, 5 + 3D); ``skipped``: (S, 2) [non-finite losses, non-finite
+    embedding entries] counted over the unrecorded steps before each (:func:`nonfinite_counts`),
+    added to the step's own. A handful of kernels whatever S is.
     """
     unknown = embedding_sums.new_full((len(STATISTIC_FIELDS),), torch.nan)
     # A loss read as a Python number (loss_value=) is a CPU tensor: moved, it syncs nothing
     # its float() had not already synced.
     device = embedding_sums.device
     loss = torch.stack([unknown[0] if v is None else v.detach().to(device) for v in losses])
+    loss = loss.to(embedding_sums)
+    # An unknown loss (None) is NaN in the loss column but is not a non-finite loss.
+    known = torch.tensor([v is not None for v in losses], device=device)
+    nonfinite_losses = (known & ~torch.isfinite(loss)).to(embedding_sums)
+    sums = embedding_sums
+    if skipped is not None:
+        skipped = skipped.to(embedding_sums)
+        nonfinite_losses = nonfinite_losses + skipped[:, 0]
+        sums = sums.clone()
+        sums[:, 2] += skipped[:, 1]
     triplet = torch.stack([unknown if t is None else t.values for t in triplets])
     return torch.cat(
-        [loss.to(embedding_sums)[:, None], triplet.to(embedding_sums), embedding_sums], dim=1
+        [loss[:, None], triplet.to(embedding_sums), sums, nonfinite_losses[:, None]], dim=1
     )
+
+
+def nonfinite_counts(loss: Tensor | None, embeddings: Sequence[Tensor]) -> Tensor:
+    """(2,) float64 [1 if ``loss`` is non-finite else 0, non-finite entries of
+    ``embeddings``], on the device, no host sync: what an unrecorded step adds to the next
+    recorded step's ``nonfinite_loss_count`` and ``nonfinite_count``."""
+    device = loss.device if loss is not None else embeddings[0].device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    if loss is not None:
+        counts[0] = (~torch.isfinite(loss.detach())).any().to(torch.float64)
+    for e in embeddings:
+        counts[1] += (~torch.isfinite(e.detach())).sum().to(device=device, dtype=torch.float64)
+    return counts
 
 
 def explicit_triplet_statistics(
@@ -320,6 +351,7 @@ def derive_metrics(
         "std_of_l2_normalized": np.sqrt(np.maximum(unit_variance, 0.0)).mean(axis=1),
         **geometry,
         "nonfinite_count": nonfinite.astype(np.int64),
+        "nonfinite_loss_count": vectors[:, -1].astype(np.int64),
         "embedding_dim": np.full(len(steps), dim, dtype=np.int64),
         "batch_size": rows.astype(np.int64),
         "num_valid_triplets": vectors[:, _TRIPLET][:, STATISTIC_FIELDS.index("num_valid_triplets")],

@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from collapsewatch._version import __version__
+from collapsewatch.states import RunState
 
 RUN_SUFFIX = ".cwrun"
 APPLICATION_ID = 0x43575231  # "CWR1": marks a SQLite file as a collapsewatch run
@@ -169,7 +170,8 @@ def list_runs(logdir: str | Path) -> list[Path]:
 class Event:
     """One detector transition or warning, as stored in a run's events.
 
-    ``state`` is the run's state after the event ("healthy", "warning", "collapsed");
+    ``state`` is the run's state after the event (a ``RunState`` value: "healthy",
+    "warning", "collapsed", "diverged");
     ``evidence`` holds the values that triggered it (JSON-serialisable).
     """
 
@@ -497,7 +499,9 @@ def _quoted(identifier: str) -> str:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run list shows, read cheaply (no full metrics read)."""
+    """What a run list shows, read cheaply (no full metrics read). ``state`` is a
+    :class:`~collapsewatch.states.RunState` value (the detector's state after the last
+    event); ``display_state(state, ever_collapsed)`` gives what to show."""
 
     path: Path
     name: str
@@ -780,13 +784,17 @@ class RunReader:
                 f'SELECT "time", {loss} FROM metrics WHERE step = ?', (last_step,)
             )[0]
         states = self._query("SELECT state FROM events ORDER BY id DESC LIMIT 1")
-        collapsed = self._query("SELECT 1 FROM events WHERE state = 'collapsed' LIMIT 1")
+        collapsed = self._query(
+            "SELECT 1 FROM events WHERE state = ? LIMIT 1", (RunState.COLLAPSED.value,)
+        )
         return RunSummary(
             path=self.path,
             name=self.name,
             status=str(meta.get("status", "unknown")),
             # A run that never recorded a step has not been judged: "empty", not "healthy".
-            state=str(states[0][0]) if states else ("healthy" if count else "empty"),
+            state=str(states[0][0])
+            if states
+            else (RunState.HEALTHY if count else RunState.EMPTY).value,
             num_steps=int(count),
             last_step=last_step if isinstance(last_step, int) else None,
             last_time=_number_or_none(last_time),

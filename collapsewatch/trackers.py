@@ -23,11 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from collapsewatch.states import RunState
 from collapsewatch.store import Event, RunReader, Snapshot
 
 PREFIX = "collapsewatch/"
 _MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
-_WANDB_LEVELS = {"collapsed": "ERROR", "warning": "WARN"}
+_WANDB_LEVELS = {RunState.DIVERGED: "ERROR", RunState.COLLAPSED: "ERROR", RunState.WARNING: "WARN"}
 
 
 class SinkError(RuntimeError):

@@ -53,16 +53,18 @@ from collapsewatch.adapters import (
 )
 from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
 from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
-from collapsewatch.detect import COLLAPSED, CollapseDetector, DetectorConfig, collapse_advice
+from collapsewatch.detect import CollapseDetector, DetectorConfig, collapse_advice
 from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, triplet_statistics
 from collapsewatch.pending import PendingWrites, WriteBatch
 from collapsewatch.rescue import Rescue
+from collapsewatch.states import FAILED_STATES
 from collapsewatch.statistics import (
     derive_metrics,
     embedding_sums,
     explicit_triplet_statistics,
+    nonfinite_counts,
     rank_step_sums,
     step_vector_size,
     step_vectors,
@@ -116,6 +118,8 @@ class _Record:
     loss: Tensor | None = None
     triplet: TripletStatistics | None = None
     reduced: Any = None  # the step's pending all_reduce, under DDP
+    # (2,) non-finite [losses, embedding entries] of the unrecorded steps before this one.
+    skipped: Tensor | None = None
 
 
 EAGER_ELEMENTS = 1 << 18
@@ -137,7 +141,11 @@ def _step_vectors(records: list[_Record]) -> Tensor:
         for record, row in zip(group, sums.unbind(), strict=True):
             record.sums, record.embeddings = row, None
     sums = torch.stack([r.sums for r in records])  # type: ignore[misc]
-    return step_vectors([r.loss for r in records], [r.triplet for r in records], sums)
+    skipped = None
+    if any(r.skipped is not None for r in records):
+        none = sums.new_zeros(2)
+        skipped = torch.stack([none if r.skipped is None else r.skipped for r in records])
+    return step_vectors([r.loss for r in records], [r.triplet for r in records], sums, skipped)
 
 
 @dataclass
@@ -211,6 +219,11 @@ class Watcher:
         self._in_loss = False
         self._deferred: int | None = None  # a recorded step waiting for the loss to finish
         self._difficulty = True  # whether the step being recorded counts difficulties
+        # Non-finite counts of the unrecorded steps since the last recorded one, kept on the
+        # device (no sync) and written with the next recorded step: a NaN burst between
+        # recorded steps is never missed.
+        self._skipped: Tensor | None = None
+        self._recording = False  # whether the current loss call is a recorded step
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
@@ -266,7 +279,7 @@ class Watcher:
         elif self.cadence.records(self.step):
             into = self._captured
         else:
-            return
+            into = None
         try:
             embeddings = self.embedding(output)
             if not (isinstance(embeddings, Tensor) and embeddings.dim() == 2):
@@ -284,7 +297,10 @@ class Watcher:
                 "called as (embeddings, labels) or (anchor, positive, negative).",
             )
             return
-        into.append(embeddings)
+        if into is None:
+            self._count_skipped(None, [embeddings])
+        else:
+            into.append(embeddings)
 
     def _loss_pre_hook(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         if not torch.is_grad_enabled():
@@ -300,7 +316,8 @@ class Watcher:
         self._captured, self._inside = [], []
         self._current, self._deferred = None, None
         self._in_loss = True
-        if not self.cadence.records(step):
+        self._recording = self.cadence.records(step)
+        if not self._recording:
             if self._self_reporting:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
                 module.statistics = False
@@ -324,6 +341,10 @@ class Watcher:
         if not torch.is_grad_enabled():
             return
         record, self._current = self._current, None
+        if not self._recording:
+            with torch.no_grad():
+                self._count_skipped(self._read_loss(output), [])
+            return
         if self._deferred is not None:
             embeddings = self._inside or self._captured
             step, self._deferred = self._deferred, None
@@ -379,6 +400,17 @@ class Watcher:
         return None
 
     # ----------------------------------------------------------------------- per step
+    def _count_skipped(self, loss: Tensor | None, embeddings: list[Tensor]) -> None:
+        """Add an unrecorded step's non-finite counts to those the next record carries."""
+        if loss is None and not embeddings:
+            return
+        try:
+            with torch.no_grad():
+                counts = nonfinite_counts(loss, embeddings)
+                self._skipped = counts if self._skipped is None else self._skipped + counts
+        except Exception as error:  # a monitor must not break the user's training step
+            self._warn_once("skipped", f"watch(): cannot count non-finite values: {error!r}")
+
     def _start_record(
         self, step: int, call: LossCall | None, captured: list[Tensor]
     ) -> _Record | None:
@@ -433,6 +465,8 @@ class Watcher:
         if embeddings.numel() > EAGER_ELEMENTS:
             kept, sums = None, embedding_sums(embeddings)
         record = _Record(step, time.time(), call, kept, sums, gram, snapshot)
+        if self._skipped is not None:
+            record.skipped, self._skipped = self._skipped.to(embeddings.device), None
         self._records.append(record)
         return record
 
@@ -566,7 +600,7 @@ class Watcher:
         for row in (dict(zip(columns, row_values, strict=True)) for row_values in values):
             for event in self.detector.update(row):
                 events.append(event)
-                if event.kind == COLLAPSED:
+                if event.kind in FAILED_STATES:  # "collapsed" and "diverged" onsets
                     self._actions.append(event)
         snapshots = [
             Snapshot(batch.steps[i], rows.numpy(), None if labels is None else labels.numpy())
@@ -909,7 +943,8 @@ def watch(
             from the next loss call), "ignore", "rescue" (restore the last healthy state of
             the model and ``optimizer`` and apply a remedy: :class:`collapsewatch.Rescue`,
             which may also be passed itself for other settings), or a callable given the
-            collapse ``Event``; acted on once per onset.
+            collapse ``Event``; acted on once per onset of a collapse and of a divergence
+            ("diverged": a non-finite loss or embedding, or exploding norms).
         optimizer: the run's optimizer, for ``on_collapse="rescue"``.
         scheduler: an LR scheduler to restore and adjust with it (``on_collapse="rescue"``).
         detector: thresholds of the collapse detector.

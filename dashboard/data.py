@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from collapsewatch.detect import reference_rank
+from collapsewatch.states import RunState, display_state
 from collapsewatch.store import (
     RUN_SUFFIX,
     RunFileError,
@@ -39,7 +40,8 @@ from .projection import Basis, Projection, fit_basis, fit_steps, project_pca, pr
 # Longest run id accepted from the browser; real ones are far shorter.
 MAX_RUN_ID_LENGTH = 1024
 
-UI_STATES = ("healthy", "warning", "collapsed", "recovered", "empty", "error")
+ERROR = "error"  # the run file cannot be read: not a detector state
+UI_STATES = (*(s.value for s in RunState), ERROR)
 
 
 class InvalidRunIdError(ValueError):
@@ -105,7 +107,7 @@ def current_alert(events: pd.DataFrame) -> Alert | None:
     """The event that started the run's current non-healthy state, or None if healthy.
 
     The onset is the first event of the current streak of that state, so later events in
-    the same state (say a "nonfinite" while collapsed) do not move it.
+    the same state (say a "dimensional_collapse" while collapsed) do not move it.
     """
     if not len(events):
         return None
@@ -145,14 +147,14 @@ class RunEntry:
 
     @property
     def ui_state(self) -> str:
-        """healthy / warning / collapsed / recovered (healthy again after a collapse) / empty
-        (no step recorded yet) / error."""
+        """A :class:`RunState` value (``display_state``: "recovered" is healthy again after a
+        collapse), or "error" for a file that cannot be read."""
         if self.summary is None:
-            return "error"
+            return ERROR
         state = self.summary.state
-        if state == "healthy" and self.summary.ever_collapsed:
-            return "recovered"
-        return state if state in UI_STATES else "warning"
+        if state not in UI_STATES:
+            return RunState.WARNING.value  # a state this version does not know
+        return display_state(state, self.summary.ever_collapsed).value
 
 
 @dataclass(frozen=True)

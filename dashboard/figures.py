@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from collapsewatch.columns import healthy_std_of_l2_normalized
+from collapsewatch.states import RunState
 
 from .data import RunView, Span
 from .decimate import decimate_frame
@@ -44,11 +45,12 @@ RUN_COLOURS = tuple(
     OKABE_ITO[c] for c in ("blue", "orange", "green", "purple", "sky", "black", "vermillion")
 )
 STATE_COLOURS = {
-    "healthy": OKABE_ITO["green"],
-    "warning": OKABE_ITO["orange"],
-    "collapsed": OKABE_ITO["vermillion"],
-    "recovered": OKABE_ITO["blue"],
-    "empty": "#9aa5b1",
+    RunState.HEALTHY: OKABE_ITO["green"],
+    RunState.WARNING: OKABE_ITO["orange"],
+    RunState.COLLAPSED: OKABE_ITO["vermillion"],
+    RunState.DIVERGED: OKABE_ITO["purple"],
+    RunState.RECOVERED: OKABE_ITO["blue"],
+    RunState.EMPTY: "#9aa5b1",
     "error": "#52606d",
 }
 # Embedding classes: Okabe–Ito, then Paul Tol's muted scheme; shapes repeat the cue.
@@ -74,9 +76,9 @@ EVENT_STYLE = {  # kind -> (marker symbol, colour)
     "recovered": ("circle", OKABE_ITO["blue"]),
     "cleared": ("circle-open", OKABE_ITO["green"]),
     "dimensional_collapse": ("diamond", OKABE_ITO["purple"]),
-    "nonfinite": ("star", OKABE_ITO["black"]),
+    "diverged": ("star", OKABE_ITO["black"]),
     "dimensional_collapse_cleared": ("diamond-open", OKABE_ITO["green"]),
-    "nonfinite_cleared": ("star-open", OKABE_ITO["green"]),
+    "diverged_cleared": ("star-open", OKABE_ITO["green"]),
 }
 
 

@@ -40,6 +40,7 @@ STATE_SYMBOLS = {
     "healthy": "✓",
     "warning": "!",
     "collapsed": "✖",
+    "diverged": "↯",
     "recovered": "↺",
     "empty": "∅",
     "error": "⚠",
@@ -316,7 +317,7 @@ def banner(entry: RunEntry) -> html.Div:
     alert: Alert | None = entry.alert
     state = entry.ui_state
     onset = alert.onset_step if alert else None
-    title = "Collapsed" if state == "collapsed" else "Warning"
+    title = {"collapsed": "Collapsed", "diverged": "Diverged"}.get(state, "Warning")
     heading = [
         state_badge(state),
         html.Strong(f" {entry.name}", className="cw-banner-run"),
@@ -344,11 +345,12 @@ def banner(entry: RunEntry) -> html.Div:
 
 
 def banners(entries: Iterable[RunEntry]) -> list[html.Div]:
-    """A banner for every collapsed run, then a smaller one for every run in warning."""
+    """A banner for every diverged or collapsed run, then a smaller one for every run in
+    warning."""
     entries = list(entries)
-    collapsed = [banner(e) for e in entries if e.ui_state == "collapsed"]
+    failed = [banner(e) for e in entries if e.ui_state in ("diverged", "collapsed")]
     warned = [banner(e) for e in entries if e.ui_state == "warning"]
-    return collapsed + warned
+    return failed + warned
 
 
 def error_card(title: str, run_id: str | None, message: str) -> html.Div:

@@ -99,24 +99,54 @@ def test_windows_are_in_steps_whatever_the_recording_cadence():
     assert kinds(verdict) == [(10, "warning"), (30, "collapsed")]
 
 
-def test_dimensional_collapse_and_non_finite_warnings():
+def test_dimensional_collapse_warning_and_its_clearing():
     n = 80
     ranks = [math.nan] * n
     for i, rank in zip(range(0, n, 10), [12, 11, 1.2, 1.1, 1.1, 1.05, 9, 10], strict=True):
         ranks[i] = rank
-    nonfinite = [0] * 50 + [7] * 5 + [0] * 25
-    metrics = stream(
-        [0.5] * n, [1.0] * n, effective_rank=ranks, embedding_dim=32.0, nonfinite_count=nonfinite
-    )
+    metrics = stream([0.5] * n, [1.0] * n, effective_rank=ranks, embedding_dim=32.0)
     detector = CollapseDetector(DetectorConfig(window=20))
     events = [e for row in metrics.to_dict("records") for e in detector.update(row)]
     assert [(e.step, e.kind, e.state) for e in events] == [
         (40, "dimensional_collapse", "warning"),  # low since step 20, for 20 steps
-        (50, "nonfinite", "warning"),
-        (55, "nonfinite_cleared", "warning"),  # the rank warning is still on
         (60, "dimensional_collapse_cleared", "healthy"),
     ]
-    assert events[1].evidence == {"nonfinite_count": 7}
+
+
+@pytest.mark.parametrize("column", ["nonfinite_count", "nonfinite_loss_count"])
+def test_non_finite_values_are_divergence_until_finite_for_the_recovery_window(column):
+    n = 90
+    counts = [0] * 50 + [7] * 5 + [0] * 35
+    metrics = stream([0.5] * n, [1.0] * n, embedding_norm_mean=1.0, **{column: counts})
+    detector = CollapseDetector(DetectorConfig(window=20, recovery_window=20))
+    events = [e for row in metrics.to_dict("records") for e in detector.update(row)]
+    assert [(e.step, e.kind, e.state) for e in events] == [
+        (50, "diverged", "diverged"),
+        (75, "diverged_cleared", "healthy"),  # finite since step 55, for 20 steps
+    ]
+    assert events[0].evidence[column] == 7 and "clip" in events[0].suggestion
+    verdict = analyze(metrics.iloc[:60])
+    assert verdict.state == "diverged" and verdict.diverged_step == 50
+    assert verdict.failed_at_end and not verdict.collapsed
+
+
+def test_norms_exploding_by_orders_of_magnitude_are_divergence():
+    # Norms grow from ~0 to a working scale of 2 within the first window (not divergence),
+    # then blow up by ×1.5 a step: flagged at the first step above 10⁶ × 2.
+    norms = [1e-4 * 10**i for i in range(5)] + [2.0] * 20
+    norms += [2.0 * 1.5**i for i in range(1, 60)]
+    metrics = stream([0.5] * len(norms), [1.0] * len(norms), embedding_norm_mean=norms)
+    verdict = analyze(metrics, DetectorConfig(window=20, divergence_orders=6))
+    first = next(i for i, v in enumerate(norms) if v > 2e6)
+    assert kinds(verdict) == [(first, "diverged")]
+    assert verdict.events[0].evidence["start_embedding_norm_mean"] == 2.0
+    assert "orders of magnitude" in verdict.events[0].message
+
+
+def test_a_healthy_growth_of_norms_is_not_divergence():
+    norms = [0.5 * 1.05**i for i in range(200)]  # ×17 000 over the run
+    metrics = stream([0.5] * 200, [1.0] * 200, embedding_norm_mean=norms)
+    assert analyze(metrics).events == ()
 
 
 def test_missing_values_are_unknown_not_evidence():

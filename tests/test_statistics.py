@@ -16,6 +16,7 @@ from collapsewatch.statistics import (
     effective_rank,
     embedding_sums,
     explicit_triplet_statistics,
+    nonfinite_counts,
     rank_step_size,
     rank_step_sums,
     step_vectors,
@@ -72,6 +73,7 @@ def test_every_column_matches_a_direct_computation():
         "alignment": alignment(z, labels),
         "uniformity": uniformity(z),
         "nonfinite_count": 0.0,
+        "nonfinite_loss_count": 0.0,
         "embedding_dim": 6.0,
         "batch_size": 24.0,
         "num_valid_triplets": want["num_valid_triplets"],
@@ -134,6 +136,23 @@ def test_non_finite_rows_are_counted_and_left_out():
     assert m["effective_rank"][0] == pytest.approx(rankme(finite))
     # Without triplet statistics the triplet columns are unknown, not zero.
     assert math.isnan(m["frac_hard"][0]) and math.isnan(m["mean_pairwise_distance"][0])
+
+
+def test_non_finite_losses_and_unrecorded_steps_add_to_the_counts():
+    z, _ = known_batch(3, n=10, dim=4)
+    bad = z.clone()
+    bad[2, 0] = float("inf")
+    # Two unrecorded steps before step 1: a NaN loss with 3 NaN entries, then an inf loss.
+    skipped = nonfinite_counts(torch.tensor(float("nan")), [torch.full((1, 3), math.nan)])
+    skipped = skipped + nonfinite_counts(torch.tensor(float("inf")), [bad])
+    assert skipped.tolist() == [2.0, 4.0]
+    sums = embedding_sums(torch.stack([z, z]))
+    losses = [torch.tensor(float("nan")), None]  # a NaN loss, then an unknown one (not NaN)
+    vectors = step_vectors(losses, [None, None], sums, torch.stack([torch.zeros(2), skipped]))
+    m = derive(vectors.numpy(), dim=4)
+    assert list(m["nonfinite_loss_count"]) == [1, 2]
+    assert list(m["nonfinite_count"]) == [0, 4]
+    assert math.isnan(m["loss"][0]) and math.isnan(m["loss"][1])
 
 
 def test_single_row_and_collapsed_batches_are_defined():

@@ -365,7 +365,41 @@ def test_nan_embeddings_are_recorded_not_dropped(tmp_path):
     assert list(m["nonfinite_count"]) == [0, 0, 32, 32]
     assert math.isnan(m["loss"].iloc[2])  # the loss never returned
     assert m["batch_size"].iloc[2] == 48 and math.isfinite(m["embedding_variance"].iloc[2])
-    assert "nonfinite" in list(run.events["kind"])
+    assert list(m["nonfinite_loss_count"]) == [0, 0, 1, 1]
+    diverged = run.events[run.events["kind"] == "diverged"]
+    assert list(diverged["step"]) == [2] and list(diverged["state"]) == ["diverged"]
+
+
+class NaNBurst(torch.nn.Module):
+    """Embeddings with NaN rows at the calls in ``bad`` (0-based), finite otherwise."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.body, self.calls, self.bad = model(), 0, set(bad)
+
+    def forward(self, x):
+        z = self.body(x)
+        if self.calls in self.bad:
+            z = torch.cat([z[:1] * float("nan"), z[1:]])
+        self.calls += 1
+        return z
+
+
+def test_non_finite_values_at_unrecorded_steps_are_written_with_the_next_recorded_row(tmp_path):
+    # every=4 records steps 0, 4, 8, 12; a NaN burst at steps 5–6 (embeddings, and a NaN loss
+    # from a loss that does not refuse them) must still show at step 8.
+    net, loss_fn = NaNBurst(bad=[5, 6]), torch.nn.TripletMarginLoss(margin=0.2)
+    x, _ = batch(2)
+    with cw.watch(net, loss_fn, logdir=tmp_path, run="burst", every=4) as w:
+        for _ in range(13):
+            z = net(x)
+            loss_fn(z[:16], z[16:32], z[32:]).backward()
+    m = cw.load_run(w.path).metrics
+    assert list(m["step"]) == [0, 4, 8, 12]
+    assert list(m["nonfinite_count"]) == [0, 0, 2 * 16, 0]  # two rows of D = 16
+    assert list(m["nonfinite_loss_count"]) == [0, 0, 2, 0]
+    verdict = cw.analyze(w.path)
+    assert verdict.diverged_step == 8
 
 
 def test_on_collapse_actions(tmp_path):

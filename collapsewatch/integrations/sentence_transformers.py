@@ -46,12 +46,19 @@ except ImportError:
     ) from None
 
 from collapsewatch.adapters import find_margin
-from collapsewatch.detect import COLLAPSED, HEALTHY, WARNING
+from collapsewatch.states import RunState
 from collapsewatch.store import Event
 from collapsewatch.watch import CollapseWarning, Watcher, watch
 
 PREFIX = "collapsewatch/"
-STATE_CODES = {HEALTHY: 0, WARNING: 1, COLLAPSED: 2}
+# Numeric codes for trackers that plot numbers only; "empty" (nothing judged yet) is -1.
+STATE_CODES = {
+    RunState.EMPTY: -1,
+    RunState.HEALTHY: 0,
+    RunState.WARNING: 1,
+    RunState.COLLAPSED: 2,
+    RunState.DIVERGED: 3,
+}
 EMBEDDING_KEY = "sentence_embedding"
 
 

@@ -437,7 +437,7 @@ def panels_figure(
         colour = colours[view.run_id]
         frame, last = view.metrics, view.last_step
         collapsed = view.spans(("collapsed",))
-        flagged = view.spans(("warning", "collapsed"))
+        flagged = view.spans(("warning", "collapsed", "diverged"))
         event_steps = view.events["step"].tolist() if len(view.events) else []
         entry: dict[str, Any] = {"last": last, "traces": {}, "shade": [], "open": False}
         # Shading first: lower trace indices are drawn first, under the data.

@@ -9,6 +9,8 @@ from typing import Any
 
 from dash import dcc, html
 
+from collapsewatch.states import RunState
+
 from .data import Alert, RunEntry, RunView
 from .figures import EVENT_STYLE, MUTED, panels_figure
 
@@ -37,12 +39,12 @@ class ID:
 
 
 STATE_SYMBOLS = {
-    "healthy": "✓",
-    "warning": "!",
-    "collapsed": "✖",
-    "diverged": "↯",
-    "recovered": "↺",
-    "empty": "∅",
+    RunState.HEALTHY: "✓",
+    RunState.WARNING: "!",
+    RunState.COLLAPSED: "✖",
+    RunState.DIVERGED: "↯",
+    RunState.RECOVERED: "↺",
+    RunState.EMPTY: "∅",
     "error": "⚠",
 }
 PANELS_HEIGHT = 820

@@ -144,3 +144,58 @@ def test_rescue_needs_the_optimizer(tmp_path):
         )
     with pytest.raises(TypeError, match="Optimizer"):
         Rescue("sgd")
+
+
+def _flat(model: torch.nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().copy()
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    """One of two gloo ranks training the collapsing configuration with a rescue."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(DigitsEmbedder())
+        np.save(f"{out}/initial-{rank}.npy", _flat(model))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        loss_fn = cw.losses.BatchHardTripletLoss(margin=0.2)
+
+        def record_then_scale(context: RescueContext) -> str | None:
+            np.save(f"{out}/restored-{rank}.npy", _flat(context.model))
+            return cw.rescue.use_scaled_variant(context)
+
+        rescue = Rescue(opt, remedies=[record_then_scale])
+        shard = TRAIN[rank::2]
+        batches = random_batches(len(shard), 128, torch.Generator().manual_seed(rank))
+        with cw.watch(model, loss_fn, logdir=out, run="ddp-rescue", on_collapse=rescue):
+            for _ in range(80):
+                index = shard[next(batches)]
+                loss = loss_fn(model(IMAGES[index]), LABELS[index])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        np.save(f"{out}/final-{rank}.npy", _flat(model))
+        with open(f"{out}/scaled-{rank}.txt", "w") as file:
+            file.write(str(loss_fn.scaled))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rescue_under_ddp_restores_identical_weights_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    load = lambda name: [np.load(tmp_path / f"{name}-{rank}.npy") for rank in (0, 1)]  # noqa: E731
+    initial, restored, final = load("initial"), load("restored"), load("final")
+    # Rank 0 decided, both ranks restored the same state: the one before training began.
+    assert np.array_equal(restored[0], restored[1])
+    assert np.array_equal(restored[0], initial[0])
+    assert np.array_equal(final[0], final[1])
+    assert [(tmp_path / f"scaled-{rank}.txt").read_text() for rank in (0, 1)] == ["True"] * 2
+    run = cw.load_run(tmp_path / "ddp-rescue.cwrun")
+    assert run.metadata["world_size"] == 2
+    assert run.events["kind"].tolist().count(RESCUED) == 1

@@ -199,3 +199,44 @@ def test_a_rescue_under_ddp_restores_identical_weights_on_every_rank(tmp_path):
     run = cw.load_run(tmp_path / "ddp-rescue.cwrun")
     assert run.metadata["world_size"] == 2
     assert run.events["kind"].tolist().count(RESCUED) == 1
+
+
+def test_the_lightning_callback_rescues_with_the_trainers_optimizer(tmp_path, initial_spread):
+    pl = pytest.importorskip("lightning.pytorch")
+    from collapsewatch.integrations.lightning import CollapseWatchCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder = DigitsEmbedder()
+            self.loss_fn = cw.losses.BatchHardTripletLoss(margin=0.2)
+
+        def forward(self, x):
+            return self.encoder(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return self.loss_fn(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+    index = torch.cat([TRAIN[torch.randperm(len(TRAIN))[:256]] for _ in range(120)])
+    data = torch.utils.data.TensorDataset(IMAGES[index], LABELS[index])
+    callback = CollapseWatchCallback("loss_fn", run="lightning-rescue", on_collapse="rescue")
+    module = Module()
+    pl.Trainer(
+        max_steps=120,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, torch.utils.data.DataLoader(data, batch_size=256))
+    run = cw.load_run(callback.path)
+    assert run.events["kind"].tolist().count(RESCUED) == 1
+    assert module.loss_fn.scaled
+    module.eval()
+    assert held_out_spread(module.encoder) > 0.5 * initial_spread

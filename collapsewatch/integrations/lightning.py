@@ -35,7 +35,8 @@ class CollapseWatchCallback(Callback):
             default the LightningModule itself (its ``forward``).
         **watch_options: passed to :func:`collapsewatch.watch` (``logdir``, ``run``,
             ``every``, ``on_collapse``, …). ``logdir`` defaults to
-            ``<trainer.default_root_dir>/collapsewatch``.
+            ``<trainer.default_root_dir>/collapsewatch``. ``on_collapse="rescue"`` keeps and
+            restores the trainer's first optimizer and its LR scheduler.
 
     Example::
 
@@ -73,6 +74,11 @@ class CollapseWatchCallback(Callback):
         if self.watcher is not None:
             # A later fit() with this callback continues the same run after its last step.
             options.update(logdir=self.watcher.logdir, run=self.watcher.name, resume=True)
+        if options.get("on_collapse") == "rescue" and "optimizer" not in options:
+            # The rescue keeps and restores the trainer's own optimizer (and scheduler).
+            options["optimizer"] = trainer.optimizers[0]
+            schedulers = trainer.lr_scheduler_configs
+            options.setdefault("scheduler", schedulers[0].scheduler if schedulers else None)
         self.watcher = watch(model, loss, **options)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -92,8 +92,10 @@ class CollapseWatchCallback(TrainerCallback):
             with (its ``model`` or ``sentence_embedder``), else the trainer's model; a
             module; or the name of a submodule of the trainer's model.
         on_collapse: "stop" ends training (``control.should_training_stop``) at the first
-            collapse, with a :class:`~collapsewatch.CollapseWarning`; "warn", "raise",
-            "ignore" or a callable are passed to :func:`collapsewatch.watch`.
+            collapse, with a :class:`~collapsewatch.CollapseWarning`; "rescue" restores the
+            last healthy state of the model and the trainer's optimizer and scheduler and
+            applies a remedy (:class:`collapsewatch.Rescue`); "warn", "raise", "ignore" or a
+            callable are passed to :func:`collapsewatch.watch`.
         **watch_options: passed to :func:`collapsewatch.watch` (``run``, ``every``,
             ``margin``, ``distance``, ``embedding``, …); they override what the callback
             reads from the loss and model. ``logdir`` defaults to
@@ -225,6 +227,12 @@ class CollapseWatchCallback(TrainerCallback):
         if self.watcher is not None and "run" in self.watch_options:
             # Another train() with this callback continues the run it named.
             options.setdefault("resume", True)
+        if self.on_collapse == "rescue" and "optimizer" not in options:
+            # The trainer's own optimizer (unwrapped from accelerate's, whose step calls it)
+            # and scheduler are kept and restored.
+            optimizer = kwargs.get("optimizer")
+            options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
+            options.setdefault("scheduler", kwargs.get("lr_scheduler"))
         self.collapse, self._reported_step = None, None
         self.watcher = watch(model, loss, **options)
 

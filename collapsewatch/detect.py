@@ -81,6 +81,12 @@ COLLAPSE_ADVICE = {
 }
 
 
+RESCUED, RESCUE_FAILED = "rescued", "rescue_failed"
+ACTION_EVENTS = frozenset({RESCUED, RESCUE_FAILED})
+"""Events recorded by an action taken in the training loop (a ``Rescue``), not by the
+detector: replaying a run (``analyze``) keeps them among the detector's, by step."""
+
+
 def collapse_advice(loss_family: str | None) -> str:
     """What to try after a collapse, for a loss of ``adapters.loss_family`` kind."""
     return COLLAPSE_ADVICE.get(loss_family or "bundled", COLLAPSE_ADVICE["other"])
@@ -508,7 +514,14 @@ def analyze(
     if isinstance(run, str | os.PathLike):
         run = load_run(run)
     advice = COLLAPSE_ADVICE["bundled"]
+    actions: list[Event] = []
     if isinstance(run, Run):
+        # What the training loop did about a collapse is not the detector's to replay.
+        actions = [
+            Event(e.step, e.kind, e.state, e.message, e.suggestion, e.evidence, e.time)
+            for e in run.events.itertuples(index=False)
+            if e.kind in ACTION_EVENTS
+        ]
         if config is None:
             recorded = run.metadata.get("detector") or {}
             known = DetectorConfig.__dataclass_fields__
@@ -516,5 +529,6 @@ def analyze(
         advice = collapse_advice(run.metadata.get("loss_family"))
         run = run.metrics
     detector = CollapseDetector(config or DetectorConfig(), advice=advice)
-    events = detector.replay(run)
+    # Stable: at one step the detector's events come before the actions taken on them.
+    events = sorted(detector.replay(run) + actions, key=lambda e: e.step)
     return verdict_from_events(events, detector.state, detector.last_step)

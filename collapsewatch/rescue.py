@@ -44,10 +44,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from collapsewatch.detect import RESCUE_FAILED, RESCUED
 from collapsewatch.losses.base import TripletLoss
 from collapsewatch.store import Event
-
-RESCUED, RESCUE_FAILED = "rescued", "rescue_failed"
 
 
 @dataclass

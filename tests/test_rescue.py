@@ -8,12 +8,15 @@ accuracy of a run that used the scaled variant from the start.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 import collapsewatch as cw
+from collapsewatch.cli import main as cli_main
 from collapsewatch.demo import DigitsEmbedder, load_digits_tensors, random_batches
 from collapsewatch.rescue import RESCUE_FAILED, RESCUED, Rescue, RescueContext
 
@@ -72,7 +75,7 @@ def initial_spread():
 
 
 def test_a_rescued_run_ends_like_the_scaled_run_and_an_unrescued_one_collapses(
-    tmp_path, initial_spread
+    tmp_path, initial_spread, capsys
 ):
     plain, _, _, plain_run = train(tmp_path, "plain")
     rescued, loss_fn, _, rescued_run = train(tmp_path, "rescued", on_collapse="rescue")
@@ -93,6 +96,33 @@ def test_a_rescued_run_ends_like_the_scaled_run_and_an_unrescued_one_collapses(
     # The collapse span closes: recovered once the restored embeddings spread out.
     assert not verdict.collapsed_at_end and verdict.recovered_step is not None
     assert verdict.collapse_spans[0][1] > rescue.step
+    # Every medium that lists events lists the rescue: the CLI's JSON and the trackers'.
+    assert cli_main(["analyze", str(rescued_run.path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [e["kind"] for e in printed["events"]].count(RESCUED) == 1
+    from collapsewatch import trackers
+
+    class Recording:
+        kind = "recording"
+
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def log_metrics(self, frame) -> None:
+            pass
+
+        def log_events(self, events) -> None:
+            self.events += events
+
+        def log_snapshot(self, step, embeddings, labels) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    sink = Recording()
+    trackers.replay(rescued_run.path, [sink])
+    assert [e.kind for e in sink.events].count(RESCUED) == 1
     assert cw.analyze(plain_run).collapsed_at_end
 
 

@@ -5,11 +5,13 @@
 scheduler's) from recent steps at which the detector judged the run healthy. When the
 detector confirms a collapse it restores the newest copy taken before the collapse began
 (before the evidence's ``since_step``), applies the next remedy and records a ``rescued``
-event saying what was done and which step was restored; training goes on from there. The
-default remedies, each tried once, in order:
+event saying what was done and which step was restored; training goes on from there. A
+divergence (``diverged``: non-finite or exploding loss or embeddings) is rescued the same
+way. The default remedies, each tried once, in order:
 
-1. :func:`use_scaled_variant`: a bundled batch-hard loss switches to its scaled variant
-   (Quaterion's fix: the loss can no longer sit at the margin with every distance at 0);
+1. :func:`use_scaled_variant`: a collapsed bundled batch-hard loss switches to its scaled
+   variant (Quaterion's fix: the loss can no longer sit at the margin with every distance
+   at 0);
 2. :func:`halve_learning_rate`: every parameter group's learning rate (and a scheduler's base
    rates) times 0.5.
 
@@ -46,6 +48,7 @@ from torch import Tensor
 
 from collapsewatch.detect import RESCUE_FAILED, RESCUED
 from collapsewatch.losses.base import TripletLoss
+from collapsewatch.states import FAILED_STATES, RunState
 from collapsewatch.store import Event
 
 
@@ -66,8 +69,11 @@ Remedy = Callable[[RescueContext], "str | None"]
 
 
 def use_scaled_variant(context: RescueContext) -> str | None:
-    """Switch a bundled batch-hard loss to the scaled variant; None for any other loss."""
+    """Switch a bundled batch-hard loss to the scaled variant; None for any other loss, and
+    for a divergence (the scale of the updates, not the plateau, is what went wrong)."""
     loss = context.loss_fn
+    if context.event.kind != RunState.COLLAPSED:
+        return None
     if isinstance(loss, TripletLoss) and loss.mining == "batch_hard" and not loss.scaled:
         loss.scaled = True
         return f"switched {type(loss).__name__} to the scaled variant (scaled=True)"
@@ -223,14 +229,14 @@ class Rescue:
     def _decide(self, watcher: _Watched, step: int) -> tuple[bool, int, bool]:
         """(rescue now, the step to restore, whether the run is healthy), from rank 0."""
         state = watcher.state
-        if state != "collapsed":
+        if state not in FAILED_STATES:
             self._last = None  # the rescue worked (or the run recovered on its own)
         elif self._pending is None and self._last is not None and not self.gave_up:
             rescued_at, collapse = self._last
             if step - rescued_at >= self.patience:
                 self._pending = collapse  # the rescue did not take: try the next remedy
         event = self._pending
-        healthy = state in ("healthy", "empty")
+        healthy = state in (RunState.HEALTHY, RunState.EMPTY)
         restore_to = self._restore_point(event) if event is not None else -1
         decision = [event is not None, restore_to, healthy]
         if watcher.world_size > 1:
@@ -250,7 +256,7 @@ class Rescue:
         return max(before) if before else self._first.step
 
     def _rescue(self, watcher: _Watched, step: int, restore_to: int) -> None:
-        event = self._pending or Event(step, "collapsed", "collapsed", "collapse (rank 0)")
+        event = self._pending or Event(step, RunState.COLLAPSED, RunState.COLLAPSED, "(rank 0)")
         self._pending = None
         if not self.remedies:
             # Restoring once more without a change would only repeat the collapse.
@@ -275,7 +281,7 @@ class Rescue:
             return
         message = (
             f"Rescued at step {step}: restored the state of step {restore_to} (the last healthy "
-            f"copy before the collapse at step {event.step}) and {done}."
+            f"copy before the {_what(event)} at step {event.step}) and {done}."
         )
         self._note(watcher, step, RESCUED, message, event, {**evidence, "remedy": done})
 
@@ -297,7 +303,7 @@ class Rescue:
 
     def _give_up(self, step: int, event: Event) -> str:
         return (
-            f"Gave up rescuing at step {step}: the run is still collapsed (since step "
+            f"Gave up rescuing at step {step}: the run is still {event.kind} (since step "
             f"{event.step}) after {self.attempts} rescue(s) and no remedy is left"
         )
 
@@ -324,6 +330,10 @@ class Rescue:
             optimizer=_to_host(self.optimizer.state_dict()),
             scheduler=scheduler,
         )
+
+
+def _what(event: Event) -> str:
+    return "divergence" if event.kind == RunState.DIVERGED else "collapse"
 
 
 def _size(state: Any) -> int:

@@ -270,3 +270,41 @@ def test_the_lightning_callback_rescues_with_the_trainers_optimizer(tmp_path, in
     assert module.loss_fn.scaled
     module.eval()
     assert held_out_spread(module.encoder) > 0.5 * initial_spread
+
+
+def test_a_divergence_is_rescued_by_halving_the_learning_rate(tmp_path):
+    # A blow-up injected at step 45 (the weights of the last layer set to inf, as an lr
+    # spike would): the run diverges, the rescue restores a finite copy and halves the
+    # learning rate (the scaled variant does not fit a divergence), and training goes on.
+    torch.manual_seed(0)
+    model = DigitsEmbedder()
+    loss_fn = cw.losses.BatchHardTripletLoss(margin=0.2, scaled=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = random_batches(len(TRAIN), 256, torch.Generator().manual_seed(0))
+    with cw.watch(
+        model,
+        loss_fn,
+        logdir=tmp_path,
+        run="blow-up",
+        every=1,
+        optimizer=opt,
+        on_collapse="rescue",
+    ) as w:
+        for step in range(100):
+            if step == 45:
+                with torch.no_grad():
+                    model.layers[-1].weight.fill_(float("inf"))
+            index = TRAIN[next(batches)]
+            loss = loss_fn(model(IMAGES[index]), LABELS[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    events = cw.load_run(w.path).events
+    kinds = events["kind"].tolist()
+    assert "diverged" in kinds and kinds.count(RESCUED) == 1
+    rescue = events[events["kind"] == RESCUED].iloc[0]
+    assert "divergence" in rescue["message"] and "halved the learning rate" in rescue["message"]
+    assert rescue["evidence"]["restored_step"] <= 45
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert np.isfinite(embed(model, HELD_OUT)).all()

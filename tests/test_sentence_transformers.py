@@ -338,3 +338,19 @@ def test_which_loss_to_watch(tmp_path, bert_dir, digits):
             train_dataset=small,
             callbacks=[CollapseWatchCallback()],
         ).train()
+
+
+@pytest.mark.parametrize("kind", ["st", "hf"])
+def test_rescue_restores_and_halves_the_trainers_learning_rate(tmp_path, bert_dir, digits, kind):
+    # A sentence-transformers loss has no scaled variant: the first remedy that applies is
+    # halving the learning rate, which must reach the trainer's own optimizer and scheduler.
+    model = _sentence_model(bert_dir)
+    loss_class, lr = COLLAPSING
+    callback = CollapseWatchCallback(run=f"rescue-{kind}", on_collapse="rescue", every=1)
+    trainer = _train(tmp_path, kind, model, loss_class(model), digits, [callback], lr=lr)
+    events = cw.load_run(callback.watcher.path).events
+    rescues = events[events["kind"] == "rescued"]
+    assert len(rescues) >= 1
+    assert "halved the learning rate (0.05 → 0.025" in rescues["message"].iloc[0]
+    assert trainer.optimizer.param_groups[0]["lr"] <= lr / 2
+    assert all(base <= lr / 2 for base in trainer.lr_scheduler.base_lrs)

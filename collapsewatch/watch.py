@@ -157,6 +157,7 @@ class _Batch:
     vectors: Tensor
     grams: dict[int, Tensor]
     snapshots: dict[int, tuple[Tensor, Tensor | None]]
+    loss_calls: int  # loss calls seen when the batch left the training thread
     ready: torch.cuda.Event | None = None
 
 
@@ -559,6 +560,7 @@ class Watcher:
                 for i, r in enumerate(records)
                 if r.snapshot is not None
             },
+            loss_calls=self.step,
         )
         if stacked.device.type == "cuda":
             batch.ready = torch.cuda.Event()
@@ -619,6 +621,8 @@ class Watcher:
                     "every": self.cadence.every,
                     "difficulty_every": self.cadence.interval,
                     "cadence_timing": self.cadence.measured,
+                    # What a resumed run numbers its steps from (not the last recorded step).
+                    "loss_calls": batch.loss_calls,
                 },
             )
         )
@@ -686,11 +690,14 @@ class Watcher:
     # ------------------------------------------------------------------ life cycle
     def _replay_existing(self) -> None:
         """Resume: feed the stored steps to the detector (as ``analyze`` would) and number
-        the new steps after them."""
+        the new steps after the loss calls the run has seen (the last *recorded* step is
+        earlier when the last calls were not recorded)."""
         run = load_run(self.path)
         self.detector.replay(run.metrics)
-        if self.detector.last_step is not None:
-            self.step = self.detector.last_step + 1
+        calls = run.metadata.get("loss_calls")
+        after_rows = -1 if self.detector.last_step is None else self.detector.last_step
+        # A killed run may have committed rows after its last count: never number backwards.
+        self.step = max(after_rows + 1, calls if isinstance(calls, int) else 0)
         dim = run.metadata.get("embedding_dim")
         self._dim = int(dim) if dim is not None else None
 
@@ -730,10 +737,10 @@ class Watcher:
             self._queue.put(None)
             self._thread.join()
             assert self._writer is not None and self._pending is not None
-            noted = self._take_noted()
-            if noted:  # events of the training thread made after the last commit
-                empty = {"step": np.zeros(0, dtype=np.int64), "time": np.zeros(0)}
-                self._pending.add(WriteBatch(metrics=empty, events=noted))
+            # The calls made since the last recorded step, and the training thread's events.
+            empty = {"step": np.zeros(0, dtype=np.int64), "time": np.zeros(0)}
+            final = WriteBatch(empty, self._take_noted(), metadata={"loss_calls": self.step})
+            self._pending.add(final)
             try:  # a last try for rows a full disk held back: the space may be back
                 self._pending.write()
             except Exception as error:

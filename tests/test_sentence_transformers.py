@@ -354,3 +354,29 @@ def test_rescue_restores_and_halves_the_trainers_learning_rate(tmp_path, bert_di
     assert "halved the learning rate (0.05 → 0.025" in rescues["message"].iloc[0]
     assert trainer.optimizer.param_groups[0]["lr"] <= lr / 2
     assert all(base <= lr / 2 for base in trainer.lr_scheduler.base_lrs)
+
+
+@pytest.mark.parametrize("every", [1, 4, "auto"])
+@pytest.mark.parametrize("kind", ["st", "hf"])
+def test_a_second_train_files_every_row_under_its_own_call(tmp_path, bert_dir, digits, kind, every):
+    class CallNumberLoss(losses.BatchAllTripletLoss):
+        """Batch-all, shifted by 1000 × the number of the call: the row must show it."""
+
+        calls = 0
+
+        def forward(self, sentence_features, labels):
+            loss = super().forward(sentence_features, labels) + 1000.0 * self.calls
+            self.calls += 1
+            return loss
+
+    model = _sentence_model(bert_dir)
+    loss = CallNumberLoss(model)
+    callback = CollapseWatchCallback(run=f"twice-{kind}", every=every)
+    for steps in (10, 20):
+        _train(tmp_path, kind, model, loss, digits, [callback], steps=steps, lr=5e-3)
+    run = cw.load_run(callback.watcher.path)
+    assert loss.calls == 30 and run.metadata["loss_calls"] == 30
+    steps = run.metrics["step"].tolist()
+    assert any(step >= 10 for step in steps)
+    for step, value in zip(steps, run.metrics["loss"], strict=True):
+        assert value // 1000 == step, (step, value)

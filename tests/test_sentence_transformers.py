@@ -51,11 +51,15 @@ def _digit_sentence(pixels) -> str:
 def bert_dir(tmp_path_factory):
     """A randomly initialised one-layer BERT and its WordPiece tokenizer, saved locally."""
     root = tmp_path_factory.mktemp("tiny-bert")
-    words = [f"p{i}{shade}" for i in range(64) for shade in "hl"]
-    (root / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [f"p{i}{shade}" for i in range(64) for shade in "hl"]
+    # vocab= (a mapping): transformers 5 ignores vocab_file= and would tokenise every
+    # sentence to [UNK]s, leaving only the sentence lengths to learn from.
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert len(tokenizer) == len(words)
+    assert (
+        tokenizer.unk_token_id not in tokenizer(_digit_sentence(load_digits().data[0]))["input_ids"]
     )
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
     config = transformers.BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -188,8 +192,9 @@ def test_verdict_and_logs(tmp_path, bert_dir, digits, kind, configuration, expec
     assert run.metadata["config"]["embedding_key"] == "sentence_embedding"
     assert run.metadata["status"] == "finished"
 
-    logged = [log for log in recorder.logs if "collapsewatch/step" in log]
-    assert len(logged) == STEPS // 10  # every training log (logging_steps=10)
+    logged = [log for log in recorder.logs if "loss" in log]  # the training logs
+    assert len(logged) == STEPS // 10  # logging_steps=10
+    assert all("collapsewatch/step" in log for log in recorder.logs)  # every log has them
     metrics = run.metrics.set_index("step")
     for log in logged:
         row = metrics.loc[log["collapsewatch/step"]]
@@ -380,3 +385,31 @@ def test_a_second_train_files_every_row_under_its_own_call(tmp_path, bert_dir, d
     assert any(step >= 10 for step in steps)
     for step, value in zip(steps, run.metrics["loss"], strict=True):
         assert value // 1000 == step, (step, value)
+
+
+def test_every_trainer_log_carries_the_latest_recorded_values(tmp_path, bert_dir, digits):
+    # logging_steps=1 with every=4: 3 of 4 logs follow a step that was not recorded; they
+    # still get the last recorded values, labelled with the step they belong to.
+    model = _sentence_model(bert_dir)
+    loss_class, _ = HEALTHY
+    recorder = Recorder()
+    callback = CollapseWatchCallback(run="every-log", every=4)
+    _train(
+        tmp_path,
+        "st",
+        model,
+        loss_class(model),
+        digits,
+        [callback, recorder],
+        steps=20,
+        lr=5e-3,
+        logging_steps=1,
+    )
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert len(logged) == 20
+    assert all("collapsewatch/step" in log for log in logged)
+    metrics = cw.load_run(callback.watcher.path).metrics.set_index("step")
+    for global_step, log in enumerate(logged, start=1):
+        step = log["collapsewatch/step"]
+        assert step in metrics.index and step <= global_step - 1
+        assert log["collapsewatch/loss"] == pytest.approx(metrics.loc[step, "loss"])

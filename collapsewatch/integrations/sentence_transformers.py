@@ -117,7 +117,6 @@ class CollapseWatchCallback(TrainerCallback):
         self.watch_options = watch_options
         self.watcher: Watcher | None = None
         self.collapse: Event | None = None  # the collapse that stopped training, if any
-        self._reported_step: int | None = None
 
     @property
     def path(self) -> Path | None:
@@ -233,7 +232,7 @@ class CollapseWatchCallback(TrainerCallback):
             optimizer = kwargs.get("optimizer")
             options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
             options.setdefault("scheduler", kwargs.get("lr_scheduler"))
-        self.collapse, self._reported_step = None, None
+        self.collapse = None
         self.watcher = watch(model, loss, **options)
 
     def _stop(self, event: Event) -> None:
@@ -269,9 +268,10 @@ class CollapseWatchCallback(TrainerCallback):
         # watcher to write the steps recorded so far costs little and makes logs current.
         self.watcher.flush(wait=True)
         row = self.watcher.latest_metrics
-        if row is None or row["step"] == self._reported_step:
+        if row is None:
             return
-        self._reported_step = row["step"]
+        # Every log gets the latest recorded values, whether or not a step was recorded since
+        # the previous log; collapsewatch/step says which step they were measured at.
         metrics = {
             PREFIX + name: float(value)
             for name, value in row.items()

@@ -214,14 +214,19 @@ def _distance_of_function(loss_fn: torch.nn.Module, metric: Any) -> Distance:
     return "squared_euclidean" if squared and distance == "euclidean" else distance
 
 
+_COSINE_SIMILARITIES = frozenset({"cos_sim", "pairwise_cos_sim", "cosine_similarity"})
+"""sentence-transformers' ``similarity_fct`` functions that compare by cosine."""
+
+
 def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> DistanceSpec:
     """The distance under which watch() computes a foreign loss's statistics.
 
     An explicit ``distance`` wins. Otherwise: the bundled losses say theirs;
     sentence-transformers losses keep a ``distance_metric`` function (an unknown one raises
-    ``ValueError``); pytorch-metric-learning losses carry a ``distance`` object
-    (``LpDistance`` with p=2, power 1 or 2, optionally normalising; ``CosineSimilarity``);
-    ``TripletMarginLoss`` and anything else default to Euclidean.
+    ``ValueError``) or a cosine ``similarity_fct`` (in-batch negatives: cosine);
+    pytorch-metric-learning losses carry a ``distance`` object (``LpDistance`` with p=2,
+    power 1 or 2, optionally normalising; ``CosineSimilarity``); ``TripletMarginLoss`` and
+    anything else default to Euclidean.
     """
     if distance is not None:
         return DistanceSpec(check_distance(distance))
@@ -230,6 +235,11 @@ def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> Distan
     metric = getattr(loss_fn, "distance_metric", None)
     if callable(metric):
         return DistanceSpec(_distance_of_function(loss_fn, metric))
+    similarity = getattr(loss_fn, "similarity_fct", None)
+    if getattr(similarity, "__name__", None) in _COSINE_SIMILARITIES:
+        # In-batch-negatives losses (MultipleNegativesRankingLoss and its variants) compare
+        # the rows by cosine similarity: their spread is measured the same way.
+        return DistanceSpec("cosine")
     pml_distance = getattr(loss_fn, "distance", None)
     kind = type(pml_distance).__name__
     if kind == "CosineSimilarity":

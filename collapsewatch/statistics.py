@@ -256,6 +256,35 @@ def explicit_triplet_statistics(
         )
 
 
+def unlabelled_statistics(embeddings: Tensor, distance: Distance) -> TripletStatistics:
+    """The spread of an (N, D) batch whose labels are unknown: ``num_pairs`` = N(N − 1) and
+    the sum of d(i, j) over ordered pairs i ≠ j under ``distance``; every label-based field
+    (triplet and anchor counts, difficulty, hardest pairs) NaN.
+
+    For losses that compare the rows of several model calls with each other (in-batch
+    negatives: MultipleNegativesRankingLoss, NTXent over two views), so that the spread of
+    what the loss compares is known even where no triplet is.
+    """
+    with torch.no_grad():
+        z = embeddings.detach()
+        n = z.shape[0]
+        d = pairwise_distances(z, distance).to(torch.float64)
+        nan = torch.full((), torch.nan, dtype=torch.float64, device=z.device)
+        return TripletStatistics.of(
+            num_valid_triplets=nan,
+            num_valid_anchors=nan,
+            num_easy=nan,
+            num_semihard=nan,
+            num_hard=nan,
+            num_loss_terms=nan,
+            num_positive_loss=nan,
+            sum_hardest_positive=nan,
+            sum_hardest_negative=nan,
+            num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=z.device),
+            sum_pairwise_distance=d.sum() - d.diagonal().sum(),
+        )
+
+
 def effective_rank(gram: np.ndarray) -> float:
     """RankMe of the embeddings whose Gram matrix ZᵀZ is ``gram`` (D, D), in float64."""
     eigenvalues = np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))

@@ -68,6 +68,7 @@ from collapsewatch.statistics import (
     rank_step_sums,
     step_vector_size,
     step_vectors,
+    unlabelled_statistics,
 )
 from collapsewatch.store import (
     Event,
@@ -120,6 +121,8 @@ class _Record:
     reduced: Any = None  # the step's pending all_reduce, under DDP
     # (2,) non-finite [losses, embedding entries] of the unrecorded steps before this one.
     skipped: Tensor | None = None
+    # The spread of embeddings the loss made itself from unreadable arguments (no labels).
+    unlabelled: TripletStatistics | None = None
 
 
 EAGER_ELEMENTS = 1 << 18
@@ -362,7 +365,7 @@ class Watcher:
         with torch.no_grad():
             record.loss = self._read_loss(output)
             call = record.call
-            record.triplet = self._triplet_statistics(call, self._difficulty)
+            record.triplet = self._triplet_statistics(call, self._difficulty) or record.unlabelled
             if self.cadence.wants_measurement and call is not None and call.is_labelled:
                 self.cadence.measure(
                     lambda: self._labelled_statistics(call, with_difficulty=False),
@@ -438,9 +441,12 @@ class Watcher:
         if call is None:
             self._warn_once(
                 "signature",
-                f"watch(): cannot read the arguments of {type(self.loss_fn).__name__}; "
-                "recording embedding statistics only (no triplet difficulty, and no "
-                f"{', '.join(LABEL_COLUMNS)}: no labels)",
+                f"watch(): {type(self.loss_fn).__name__} is given the model's inputs, not "
+                "(embeddings, labels), and no labels can be read from its call: the "
+                "embeddings the model made during the call are recorded (their spread under "
+                f"the {self.distance.distance} distance, variance, direction spread, rank), "
+                "but no triplet difficulty and no label columns "
+                f"({', '.join(LABEL_COLUMNS)})",
             )
         elif not call.is_labelled:
             self._warn_once(
@@ -466,6 +472,8 @@ class Watcher:
         if embeddings.numel() > EAGER_ELEMENTS:
             kept, sums = None, embedding_sums(embeddings)
         record = _Record(step, time.time(), call, kept, sums, gram, snapshot)
+        if call is None:
+            record.unlabelled = unlabelled_statistics(embeddings, self.distance.distance)
         if self._skipped is not None:
             record.skipped, self._skipped = self._skipped.to(embeddings.device), None
         self._records.append(record)

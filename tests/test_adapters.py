@@ -210,3 +210,17 @@ def test_default_loss_value():
 )
 def test_loss_family(loss, family):
     assert adapters.loss_family(loss) == family
+
+
+def test_in_batch_negatives_losses_are_measured_by_cosine():
+    def cos_sim(a, b):  # named like sentence_transformers.util.cos_sim
+        return torch.nn.functional.normalize(a) @ torch.nn.functional.normalize(b).T
+
+    def dot_score(a, b):
+        return a @ b.T
+
+    mnrl = _named("MultipleNegativesRankingLoss", "sentence_transformers.losses")
+    mnrl.similarity_fct = cos_sim
+    assert adapters.find_distance(mnrl, None).distance == "cosine"
+    mnrl.similarity_fct = dot_score
+    assert adapters.find_distance(mnrl, None).distance == "euclidean"

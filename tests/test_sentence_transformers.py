@@ -413,3 +413,32 @@ def test_every_trainer_log_carries_the_latest_recorded_values(tmp_path, bert_dir
         step = log["collapsewatch/step"]
         assert step in metrics.index and step <= global_step - 1
         assert log["collapsewatch/loss"] == pytest.approx(metrics.loc[step, "loss"])
+
+
+def test_in_batch_negatives_are_measured_on_what_the_loss_compares(tmp_path, bert_dir, digits):
+    # MultipleNegativesRankingLoss embeds (anchor, positive) pairs itself and has no labels:
+    # the spread of both sides is measured by cosine, as the loss compares them, on every
+    # recorded row (it was NaN), and the warning says what is and is not recorded.
+    rows = digits.select(range(640))
+    pairs = datasets.Dataset.from_dict(
+        {"anchor": rows["sentence"][::2], "positive": rows["sentence"][1::2]}
+    )
+    model = _sentence_model(bert_dir)
+    callback = CollapseWatchCallback(run="mnrl", every=1)
+    with pytest.warns(RuntimeWarning, match="the embeddings the model made during the call"):
+        _train(
+            tmp_path,
+            "st",
+            model,
+            losses.MultipleNegativesRankingLoss(model),
+            pairs,
+            [callback],
+            steps=8,
+            lr=5e-3,
+        )
+    run = cw.load_run(callback.watcher.path)
+    assert run.metadata["distance"] == "cosine"
+    distances = run.metrics["mean_pairwise_distance"]
+    assert distances.notna().all() and distances.between(0.0, 2.0).all()
+    assert (run.metrics["batch_size"] == 64).all()  # both sides of 32 pairs
+    assert run.metrics["num_classes"].isna().all()  # no labels: said, not invented

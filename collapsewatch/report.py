@@ -27,6 +27,7 @@ STATE_COLOURS = {  # Okabe–Ito, always shown together with the state's name
     RunState.DIVERGED: "#CC79A7",
     RunState.EMPTY: "#9AA5B1",
 }
+PANELS_HEIGHT = 1100
 
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2933;
@@ -94,10 +95,15 @@ def _verdict_section(verdict: Verdict) -> str:
 
 
 def _events_table(verdict: Verdict) -> str:
+    from collapsewatch.dashboard.figures import event_style
+
     if not verdict.events:
         return '<p class="muted">The detector recorded no events.</p>'
     rows = "".join(
-        f"<tr><td class='num'>{e.step}</td><td>{_e(e.kind)}</td><td>{_e(e.state)}</td>"
+        # The shape and colour the panels mark this kind of event with.
+        f"<tr><td class='num'>{e.step}</td><td><span class='glyph' aria-hidden='true'"
+        f" style='color:{event_style(e.kind)[2]}'>{event_style(e.kind)[1]}</span>"
+        f" {_e(e.kind.replace('_', ' '))}</td><td>{_e(e.state)}</td>"
         f"<td>{_e(e.message)}</td></tr>"
         for e in verdict.events
     )
@@ -184,8 +190,10 @@ def write_report(run: Run, verdict: Verdict, output: str | Path) -> Path:
     cache = RunCache(run.path.parent)
     run_id = run_id_of(run.path.parent, run.path)
     view = cache.view(run_id)
-    panels, _ = panels_figure([view], run_colours([run_id]), max_points=4000, height=980)
-    sections = [_figure_html(panels, first=True, height=980)]
+    # The run's colour in the dashboard: by its place among the runs of its directory.
+    colours = run_colours([e.run_id for e in cache.run_list().entries] + [run_id])
+    panels, _ = panels_figure([view], colours, max_points=4000, height=PANELS_HEIGHT)
+    sections = [_figure_html(panels, first=True, height=PANELS_HEIGHT)]
     snapshots = []
     for step in _snapshot_steps(view.snapshot_steps, verdict):
         projection = cache.projection(run_id, step, "pca")

@@ -24,6 +24,7 @@ from dash import Input, Output, State
 
 from .data import InvalidRunIdError, RunCache, RunListing, RunView
 from .figures import (
+    NeedsRebuildError,
     embedding_caption,
     embedding_figure,
     panels_extension,
@@ -84,9 +85,12 @@ def run_list_update(
         value, ready = default_selection(listing), True
     elif any(s not in present for s in selected):
         value = [s for s in selected if s in present]
-    plotted = value if value is not None else selected
-    colours = run_colours([s for s in plotted if s in present])
-    options = [run_option(e, colours.get(e.run_id), now) for e in listing.entries]
+    plotted = set(value if value is not None else selected) & present
+    colours = run_colours([e.run_id for e in listing.entries])
+    options = [
+        run_option(e, colours[e.run_id] if e.run_id in plotted else None, now)
+        for e in listing.entries
+    ]
     errors = [
         error_card("Cannot read run", e.run_id, e.error or "") for e in listing.entries if e.error
     ]
@@ -147,7 +151,8 @@ def panels_update(
     """The panels for the selected runs: a rebuilt figure, or extendData with new rows."""
     views, problems = load_views(cache, selected)
     views.sort(key=lambda v: v.run_id)
-    colours = run_colours([v.run_id for v in views])
+    listed = [e.run_id for e in cache.run_list().entries]
+    colours = run_colours(listed + [v.run_id for v in views])  # a run too new to be listed
     signature = [[run_signature(v, colours[v.run_id]) for v in views], problems, max_points]
     if isinstance(state, dict) and state.get("signature") == signature:
         try:
@@ -174,7 +179,10 @@ def _extend(
     views: Sequence[RunView], runs: dict[str, Any], signature: list, max_points: int
 ) -> PanelUpdate | None:
     """The extendData update, or None when the rebuild rule says rebuild."""
-    extend, appended = panels_extension(views, runs)
+    try:
+        extend, appended = panels_extension(views, runs)
+    except NeedsRebuildError:
+        return None
     allowance = max(1, max_points // 4)
     for view in views:
         if (

@@ -40,9 +40,15 @@ OKABE_ITO = {
     "vermillion": "#D55E00",
     "purple": "#CC79A7",
 }
-# Runs: vermillion comes last because it also marks collapse; yellow is too light on white.
-RUN_COLOURS = tuple(
-    OKABE_ITO[c] for c in ("blue", "orange", "green", "purple", "sky", "black", "vermillion")
+# Runs: Okabe–Ito, then Paul Tol's muted scheme, ten apart. Vermillion is left out because
+# it marks collapse (the shading, the plateau line); yellow is too light on white.
+RUN_COLOURS = (
+    *(OKABE_ITO[c] for c in ("blue", "orange", "green", "purple", "sky")),
+    "#332288",
+    "#999933",
+    "#882255",
+    "#44AA99",
+    OKABE_ITO["black"],
 )
 STATE_COLOURS = {
     RunState.HEALTHY: OKABE_ITO["green"],
@@ -70,16 +76,21 @@ INK = "#1f2933"
 MUTED = "#616e7c"
 GRID = "#e4e7eb"
 
-EVENT_STYLE = {  # kind -> (marker symbol, colour)
-    "warning": ("triangle-up", OKABE_ITO["orange"]),
-    "collapsed": ("x", OKABE_ITO["vermillion"]),
-    "recovered": ("circle", OKABE_ITO["blue"]),
-    "cleared": ("circle-open", OKABE_ITO["green"]),
-    "dimensional_collapse": ("diamond", OKABE_ITO["purple"]),
-    "diverged": ("star", OKABE_ITO["black"]),
-    "dimensional_collapse_cleared": ("diamond-open", OKABE_ITO["green"]),
-    "diverged_cleared": ("star-open", OKABE_ITO["green"]),
+# kind -> (plotly marker symbol, the same shape as text, colour): the panels, their legend
+# and the events tables all draw an event kind with this one shape.
+EVENT_STYLE = {
+    "warning": ("triangle-up", "▲", OKABE_ITO["orange"]),
+    "collapsed": ("x", "✖", OKABE_ITO["vermillion"]),
+    "recovered": ("circle", "●", OKABE_ITO["blue"]),
+    "cleared": ("circle-open", "○", OKABE_ITO["green"]),
+    "dimensional_collapse": ("diamond", "◆", OKABE_ITO["purple"]),
+    "dimensional_collapse_cleared": ("diamond-open", "◇", OKABE_ITO["green"]),
+    "diverged": ("star", "★", OKABE_ITO["black"]),
+    "diverged_cleared": ("star-open", "☆", OKABE_ITO["green"]),
+    "rescued": ("cross", "✚", OKABE_ITO["sky"]),
+    "rescue_failed": ("x-open", "⊗", OKABE_ITO["black"]),
 }
+DEFAULT_EVENT_STYLE = ("square", "■", MUTED)
 
 
 def register_template() -> go.layout.Template:
@@ -121,14 +132,10 @@ def register_template() -> go.layout.Template:
 _TEMPLATE_JSON = register_template().to_plotly_json()
 
 
-def run_colours(run_ids: Sequence[str]) -> dict[str, str]:
-    """A colour per run, by the run's position among the sorted ids plotted together."""
-    return {rid: RUN_COLOURS[i % len(RUN_COLOURS)] for i, rid in enumerate(sorted(run_ids))}
-
-
-def _rgba(hex_colour: str, alpha: float) -> str:
-    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r}, {g}, {b}, {alpha})"
+def run_colours(listed_ids: Sequence[str]) -> dict[str, str]:
+    """A colour per run, by its position among the sorted ids of every run in the log
+    directory (not only those plotted), so a run keeps its colour whatever is selected."""
+    return {rid: RUN_COLOURS[i % len(RUN_COLOURS)] for i, rid in enumerate(sorted(set(listed_ids)))}
 
 
 def _values(series: pd.Series | np.ndarray) -> list[float | None]:
@@ -144,72 +151,150 @@ def _steps(series: pd.Series | np.ndarray) -> list[int]:
 # Metric panels
 # ---------------------------------------------------------------------------------------
 
-# Four panels stacked on one shared step axis. Each panel has a hidden base y axis (0..1)
-# holding the collapse shading, so shading is drawn beneath the data, and a visible
-# overlaying y axis for the data.
-PANEL_DOMAINS = ((0.775, 1.0), (0.52, 0.735), (0.265, 0.48), (0.0, 0.215))
-SHADE_AXES = ("y", "y2", "y3", "y4")
-PANEL_TITLES = (
-    "<b>Loss / margin</b> — 1.0 is the collapse plateau (loss = margin)",
-    "<b>Spread</b> — mean pairwise distance (solid) and embedding variance (dotted), log scale",
-    "<b>Triplet difficulty</b> — share of valid triplets, stacked: hard (dark), semi-hard (light),"
-    " easy (rest, unfilled)",
-    "<b>Rank</b> — std of L2-normalised (solid, healthy 1/√D dashed), within-class variance"
-    " share (dash), alignment (dash-dot), uniformity (long dash); right: effective rank (dots)"
-    " and what the classes need, min(C − 1, D, N − 1) (dashes)",
-)
-
 
 @dataclass(frozen=True)
 class Series:
-    """One plotted metric column."""
+    """One plotted metric column; ``symbol`` is its marker, named in the panel title."""
 
     column: str
     label: str  # for hover
-    axis: str  # data y axis
     dash: str = "solid"
-    fill_alpha: float | None = None  # stacked area if set
-    markers: bool = False
+    symbol: str | None = None  # plotly marker symbol; markers drawn only where set
     fmt: str = ".4g"
 
 
-# Columns plotted together share their rows (and so their decimation).
-GROUPS: tuple[tuple[Series, ...], ...] = (
-    (Series("loss_margin_ratio", "loss / margin", "y5", fmt=".4f"),),
-    (
-        Series("mean_pairwise_distance", "mean pairwise distance", "y6"),
-        Series("embedding_variance", "embedding variance", "y6", dash="dot"),
+@dataclass(frozen=True)
+class Panel:
+    """One band of the stacked figure: its title, data axis settings and series groups.
+
+    ``off_scale`` bounds the values drawn as lines: a non-finite value, or one outside it
+    (an exploding run), is drawn as a ✱ on the panel's top edge instead, so it never sets
+    the axis range for the other runs.
+    """
+
+    key: str
+    title: str
+    axis: Mapping[str, Any]
+    groups: tuple[tuple[Series, ...], ...]  # columns plotted together share their rows
+    off_scale: tuple[float, float] = (-math.inf, math.inf)
+
+
+# A loss this many margins high is off the loss panel: collapse lives at 1.0 and a healthy
+# triplet loss stays within a few margins; beyond that the run is exploding, not training.
+LOSS_OFF_SCALE = 10.0
+# Distances and variances beyond this are float blow-ups (a diverged run reaches 1e39).
+SPREAD_OFF_SCALE = 1e8
+OFF_SCALE_SYMBOL = "asterisk-open"
+MAX_MARKERS = 12  # per series and run
+
+PANELS: tuple[Panel, ...] = (
+    Panel(
+        "loss",
+        "<b>Loss / margin</b> · 1.0 is the collapse plateau · runs without a margin: loss",
+        {"title": {"text": "loss / margin"}, "rangemode": "tozero"},
+        ((Series("loss_margin_ratio", "loss / margin", fmt=".4f"),),),
+        off_scale=(-LOSS_OFF_SCALE, LOSS_OFF_SCALE),
     ),
-    (
-        Series("frac_hard", "hard", "y7", fill_alpha=0.28, fmt=".1%"),
-        Series("frac_semihard", "semi-hard", "y7", fill_alpha=0.1, fmt=".1%"),
-        # The top band is what is left up to 100 %: unfilled, so overlaid runs stay legible.
-        Series("frac_easy", "easy", "y7", fill_alpha=0.0, fmt=".1%"),
-    ),
-    (Series("std_of_l2_normalized", "std of L2-normalised", "y8"),),
-    # Measured together on rank steps (NaN between), so they share rows.
-    (
-        Series("effective_rank", "effective rank", "y9", dash="dot", markers=True, fmt=".3g"),
-        Series("reference_rank", "rank the classes need", "y9", dash="dash", fmt=".0f"),
-        Series(
-            "within_class_variance_ratio",
-            "within-class variance share",
-            "y8",
-            dash="dash",
-            markers=True,
-            fmt=".3f",
+    Panel(
+        "spread",
+        "<b>Spread</b> · ● mean pairwise distance, ■ embedding variance (log)",
+        {"title": {"text": "distance, variance"}, "type": "log", "exponentformat": "power"},
+        (
+            (
+                Series("mean_pairwise_distance", "mean pairwise distance", symbol="circle"),
+                Series("embedding_variance", "embedding variance", "dot", symbol="square"),
+            ),
         ),
-        Series("alignment", "alignment", "y8", dash="dashdot", markers=True, fmt=".3f"),
-        Series("uniformity", "uniformity", "y8", dash="longdash", markers=True, fmt=".3f"),
+        off_scale=(0.0, SPREAD_OFF_SCALE),
+    ),
+    Panel(
+        "difficulty",
+        "<b>Triplet difficulty</b> · ● hard, ■ semi-hard (easy: the rest)",
+        {"title": {"text": "share of triplets"}, "range": [0, 1.02], "tickformat": ".0%"},
+        (
+            (
+                Series("frac_hard", "hard", symbol="circle", fmt=".1%"),
+                Series("frac_semihard", "semi-hard", "dot", symbol="square", fmt=".1%"),
+            ),
+        ),
+        off_scale=(0.0, 1.0),
+    ),
+    Panel(
+        "rank",
+        "<b>Effective rank</b> · ● measured, dashed: what the classes need",
+        {"title": {"text": "effective rank"}, "rangemode": "tozero"},
+        # Measured together on rank steps (NaN between), so they share rows.
+        (
+            (
+                Series("effective_rank", "effective rank", symbol="circle", fmt=".3g"),
+                Series("reference_rank", "rank the classes need", "dash", fmt=".0f"),
+            ),
+        ),
+        off_scale=(0.0, math.inf),
+    ),
+    Panel(
+        "sphere",
+        "<b>Std of L2-normalised embeddings</b> · dashed grey: healthy 1/√D",
+        {"title": {"text": "std"}, "rangemode": "tozero"},
+        ((Series("std_of_l2_normalized", "std of L2-normalised"),),),
+        off_scale=(0.0, 1.0),
+    ),
+    Panel(
+        "geometry",
+        "<b>Classes</b> · ● within-class variance share, ■ alignment, ▼ uniformity",
+        {"title": {"text": "share, align., unif."}},
+        (
+            (
+                Series(
+                    "within_class_variance_ratio",
+                    "within-class variance share",
+                    symbol="circle",
+                    fmt=".3f",
+                ),
+                Series("alignment", "alignment", "dash", symbol="square", fmt=".3f"),
+                Series("uniformity", "uniformity", "dot", symbol="triangle-down", fmt=".3f"),
+            ),
+        ),
+        off_scale=(-4.0, 4.0),  # alignment ∈ [0, 4], uniformity ∈ [−4, 0] on the sphere
     ),
 )
-PLOTTED_COLUMNS = tuple(s.column for group in GROUPS for s in group)
+PANEL_GAP = 0.05  # of the plot height, between panels: room for the next panel's title
 
 
-def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
-    # The legend sits in the top margin, above the first panel's title, and the margin grows
-    # by a row for every four runs so a long legend never covers the plots.
-    legend_rows = max(1, math.ceil(runs / 4))
+def panel_domains(count: int = len(PANELS)) -> list[tuple[float, float]]:
+    """Each panel's (bottom, top) share of the plot height, top panel first."""
+    height = (1 - PANEL_GAP * (count - 1)) / count
+    domains = []
+    for i in range(count):
+        top = 1 - i * (height + PANEL_GAP)
+        domains.append((max(0.0, top - height), top))
+    return domains
+
+
+def base_axis(index: int) -> str:
+    """The hidden 0..1 axis of panel ``index``: collapse shading, events, off-scale marks."""
+    return "y" if index == 0 else f"y{index + 1}"
+
+
+def data_axis(index: int) -> str:
+    """The visible axis of panel ``index``, overlaying its base axis."""
+    return f"y{len(PANELS) + index + 1}"
+
+
+def _layout_key(axis: str) -> str:
+    return f"yaxis{axis[1:]}"
+
+
+PLOTTED_COLUMNS = (
+    *(s.column for panel in PANELS for group in panel.groups for s in group),
+    "loss",  # drawn instead of loss / margin for a run without a margin
+)
+
+
+def _panel_layout(height: int | None, legend_items: int) -> dict[str, Any]:
+    # Runs and event kinds share one legend under the step axis: the top right corner is
+    # the toolbar's, and a legend there would sit under it.
+    legend_rows = max(1, math.ceil(legend_items / 5))
     layout: dict[str, Any] = {
         "template": _TEMPLATE_JSON,
         "uirevision": "panels",  # keep the user's zoom across rebuilds
@@ -218,18 +303,18 @@ def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
         "legend": {
             "orientation": "h",
             "xref": "container",
-            "x": 1.0,
-            "xanchor": "right",
+            "x": 0.0,
+            "xanchor": "left",
             "yref": "container",
-            "y": 1.0,
-            "yanchor": "top",
+            "y": 0.0,
+            "yanchor": "bottom",
             "title": {"text": ""},
         },
-        "margin": {"l": 64, "r": 64, "t": 26 + 22 * legend_rows, "b": 44},
+        "margin": {"l": 72, "r": 24, "t": 34, "b": 52 + 22 * legend_rows},
         "xaxis": {
-            "anchor": "y4",
+            "anchor": base_axis(len(PANELS) - 1),
             "domain": [0.0, 1.0],
-            "title": {"text": "training step"},
+            "title": {"text": "training step", "standoff": 4},
             "showspikes": True,
             "spikemode": "across",
             "spikesnap": "cursor",
@@ -243,17 +328,27 @@ def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
     }
     if height:
         layout["height"] = height
-    for i, domain in enumerate(PANEL_DOMAINS):
-        layout[f"yaxis{'' if i == 0 else i + 1}"] = {
+    # tickmode "auto": overlaying axes otherwise sync their ticks to the hidden 0..1 base.
+    data_defaults = {"anchor": "x", "gridcolor": GRID, "automargin": True, "tickmode": "auto"}
+    for i, (panel, domain) in enumerate(zip(PANELS, panel_domains(), strict=True)):
+        base, axis = base_axis(i), data_axis(i)
+        layout[_layout_key(base)] = {
             "domain": list(domain),
             "range": [0, 1],
             "visible": False,
             "fixedrange": True,
             "anchor": "x",
         }
+        layout[_layout_key(axis)] = {
+            **data_defaults,
+            **panel.axis,
+            "domain": list(domain),
+            "overlaying": base,
+        }
         layout["annotations"].append(
             {
-                "text": PANEL_TITLES[i],
+                "text": panel.title,
+                "name": f"title:{panel.key}",
                 "xref": "paper",
                 "yref": "paper",
                 "x": 0,
@@ -264,44 +359,12 @@ def _panel_layout(height: int | None = None, runs: int = 1) -> dict[str, Any]:
                 "font": {"size": 12, "color": INK},
             }
         )
-    # tickmode "auto": overlaying axes otherwise sync their ticks to the hidden 0..1 base.
-    data_axis = {"anchor": "x", "gridcolor": GRID, "automargin": True, "tickmode": "auto"}
-    layout["yaxis5"] = {
-        **data_axis,
-        "overlaying": "y",
-        "title": {"text": "loss / margin"},
-        "rangemode": "tozero",
-    }
-    layout["yaxis6"] = {
-        **data_axis,
-        "overlaying": "y2",
-        "type": "log",
-        "title": {"text": "distance, variance"},
-        "exponentformat": "power",
-    }
-    layout["yaxis7"] = {
-        **data_axis,
-        "overlaying": "y3",
-        "range": [0, 1],
-        "title": {"text": "share of valid triplets"},
-        "tickformat": ".0%",
-    }
-    layout["yaxis8"] = {
-        **data_axis,
-        "overlaying": "y4",
-        "title": {"text": "std, share, alignment, uniformity"},
-    }
-    layout["yaxis9"] = {
-        **data_axis,
-        "overlaying": "y4",
-        "side": "right",
-        "title": {"text": "effective rank"},
-        "rangemode": "tozero",
-        "showgrid": False,
-    }
     # The collapse plateau: batch-hard loss equals the margin when all distances are zero.
-    layout["shapes"].append(_hline("y5", 1.0, OKABE_ITO["vermillion"]))
-    layout["annotations"].append(_hline_label("y5", 1.0, "loss = margin", OKABE_ITO["vermillion"]))
+    loss_axis = data_axis(0)
+    layout["shapes"].append(_hline(loss_axis, 1.0, OKABE_ITO["vermillion"]))
+    layout["annotations"].append(
+        _hline_label(loss_axis, 1.0, "loss = margin", OKABE_ITO["vermillion"])
+    )
     return layout
 
 
@@ -319,11 +382,11 @@ def _hline(yref: str, y: float, colour: str) -> dict[str, Any]:
     }
 
 
-def _hline_label(yref: str, y: float, text: str, colour: str) -> dict[str, Any]:
+def _hline_label(yref: str, y: float, text: str, colour: str, x: float = 1.0) -> dict[str, Any]:
     return {
         "text": text,
         "xref": "x domain",
-        "x": 1,
+        "x": x,
         "xanchor": "right",
         "yref": yref,
         "y": y,
@@ -333,36 +396,165 @@ def _hline_label(yref: str, y: float, text: str, colour: str) -> dict[str, Any]:
     }
 
 
-def _group_frame(frame: pd.DataFrame, group: Sequence[Series]) -> pd.DataFrame:
-    columns = [s.column for s in group if s.column in frame]
-    values = frame[columns].to_numpy(dtype=float)
-    return frame.loc[np.isfinite(values).any(axis=1), ["step", *columns]]
+MARGIN_FREE_LOSS = Series("loss", "loss (no margin)", "dash", fmt=".4g")
 
 
-def _series_trace(view: RunView, colour: str, series: Series, rows: pd.DataFrame) -> dict:
+def _panel_groups(panel: Panel, columns: Sequence[str]) -> list[list[Series]]:
+    """The panel's series this run has; a run without a margin plots its raw loss."""
+    groups = [[s for s in group if s.column in columns] for group in panel.groups]
+    groups = [g for g in groups if g]
+    if panel.key == "loss" and not groups and "loss" in columns:
+        groups = [[MARGIN_FREE_LOSS]]
+    return groups
+
+
+def _measured(frame: pd.DataFrame) -> list[str]:
+    """The columns holding at least one value: a column of NaN only (the ratio of a run
+    without a margin) counts as absent. A run without rows keeps all its columns."""
+    if not len(frame):
+        return list(frame.columns)
+    return frame.columns[frame.notna().to_numpy().any(axis=0)].tolist()
+
+
+def _on_scale(values: np.ndarray, panel: Panel) -> np.ndarray:
+    low, high = panel.off_scale
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (values >= low) & (values <= high)
+
+
+def _drawn(values: np.ndarray, panel: Panel) -> list[float | None]:
+    """The values as the line draws them: null (a gap) where off scale or missing."""
+    return [
+        v if ok else None for v, ok in zip(values.tolist(), _on_scale(values, panel), strict=True)
+    ]
+
+
+def _off_scale_rows(rows: pd.DataFrame, panel: Panel, group: Sequence[Series]) -> np.ndarray:
+    """Rows where some series of ``group`` holds ±inf or a value beyond the panel's bounds.
+
+    NaN alone is "not measured" (rank steps, a loss without a margin), not a blow-up.
+    """
+    flags = np.zeros(len(rows), dtype=bool)
+    for series in group:
+        values = rows[series.column].to_numpy(dtype=float)
+        flags |= ~np.isnan(values) & ~_on_scale(values, panel)
+    return flags
+
+
+def _series_trace(
+    view: RunView, colour: str, series: Series, axis: str, panel: Panel, rows: pd.DataFrame
+) -> dict:
+    values = rows[series.column].to_numpy(dtype=float)
+    lone = len(rows) == 1  # one row draws no line: show it as a marker
+    markers = series.symbol is not None or lone
     trace: dict[str, Any] = {
         "type": "scatter",
-        "mode": "lines+markers" if series.markers else "lines",
+        "mode": "lines+markers" if markers else "lines",
         "x": _steps(rows["step"]),
-        "y": _values(rows[series.column]),
+        "y": _drawn(values, panel),
         "xaxis": "x",
-        "yaxis": series.axis,
+        "yaxis": axis,
         "name": view.name,
         "legendgroup": view.run_id,
-        "showlegend": series.column == "loss_margin_ratio",
-        "line": {"color": colour, "width": 2 if series.fill_alpha is None else 0.6},
+        "legendrank": 1,
+        "showlegend": panel.key == "loss",
+        "line": {"color": colour, "width": 2},
         "hovertemplate": f"{series.label} %{{y:{series.fmt}}}<extra>{view.name}</extra>",
     }
     if series.dash != "solid":
         trace["line"]["dash"] = series.dash
-    if series.markers:
-        trace["marker"] = {"size": 5, "color": colour}
-    if series.fill_alpha is not None:
-        trace["stackgroup"] = f"difficulty:{view.run_id}"
-        trace["fillcolor"] = _rgba(colour, series.fill_alpha)
-        if not series.fill_alpha:  # the remainder band: no fill, no line at 100 %
-            trace["line"]["width"] = 0
+    if markers:
+        # A dozen markers along a dense line name the series; one per point would bury it.
+        trace["marker"] = {
+            "size": 6,
+            "color": colour,
+            "symbol": series.symbol or "circle",
+            "maxdisplayed": MAX_MARKERS,
+        }
     return trace
+
+
+def _off_scale_trace(
+    view: RunView, colour: str, panel: Panel, index: int, groups: Sequence[Sequence[Series]]
+) -> dict | None:
+    """✱ on the panel's top edge at each step where a value is non-finite or off scale."""
+    frame = view.metrics
+    steps: list[int] = []
+    text: list[str] = []
+    for group in groups:
+        rows = frame.loc[_off_scale_rows(frame, panel, group)]
+        for _, row in rows.iterrows():
+            values = {s.label: float(row[s.column]) for s in group}
+            shown = [
+                f"{label} {value:.3g}"
+                for label, value in values.items()
+                if not math.isnan(value) and not _on_scale(np.array([value]), panel)[0]
+            ]
+            steps.append(int(row["step"]))
+            text.append(f"off scale at step {int(row['step'])}: " + ", ".join(shown))
+    if not steps:
+        return None
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "x": steps,
+        "y": [0.97] * len(steps),
+        "xaxis": "x",
+        "yaxis": base_axis(index),
+        "name": f"{view.name} off scale",
+        "legendgroup": view.run_id,
+        "showlegend": False,
+        "cliponaxis": False,
+        "marker": {"symbol": OFF_SCALE_SYMBOL, "size": 9, "color": colour, "line": {"width": 1.5}},
+        "text": text,
+        "hovertemplate": "%{text}<extra>" + view.name + "</extra>",
+    }
+
+
+def _off_scale_note(panel: Panel, index: int) -> dict[str, Any]:
+    """What ✱ means, right-aligned in the gap under the panel (its top right holds the ✱)."""
+    low, high = panel.off_scale
+    if high == math.inf:
+        bounds = f"below {low:g}"
+    elif low in (0.0, -math.inf):
+        bounds = f"above {high:g}"
+    else:
+        bounds = f"beyond ±{high:g}"
+    bottom, top = panel_domains()[index]
+    last = index == len(PANELS) - 1  # under the last panel are the step axis's labels
+    return {
+        "text": f"✱ off scale: ±inf or {bounds}",
+        "name": f"off-scale:{panel.key}",
+        "xref": "paper",
+        "yref": "paper",
+        "x": 1,
+        "y": top if last else bottom,
+        "xanchor": "right",
+        "yanchor": "bottom" if last else "top",
+        "yshift": 0 if last else -2,
+        "showarrow": False,
+        "font": {"size": 11, "color": INK},
+    }
+
+
+def _frame_traces(index: int) -> list[dict[str, Any]]:
+    # Every panel owns an empty trace on each of its two axes: plotly drops an axis no
+    # trace uses, and an overlaying axis whose base was dropped loses its band. So the
+    # panels keep their place and their ticks whatever the plotted runs hold (no collapse
+    # to shade, no rows at all, no column for this panel).
+    return [
+        {
+            "type": "scatter",
+            "x": [],
+            "y": [],
+            "xaxis": "x",
+            "yaxis": axis,
+            "name": f"panel:{PANELS[index].key}",
+            "showlegend": False,
+            "hoverinfo": "skip",
+        }
+        for axis in (base_axis(index), data_axis(index))
+    ]
 
 
 def _shade_points(spans: Sequence[Span], last_step: int | None) -> tuple[list, list]:
@@ -380,35 +572,61 @@ def _shade_points(spans: Sequence[Span], last_step: int | None) -> tuple[list, l
     return xs, ys
 
 
+def event_style(kind: str) -> tuple[str, str, str]:
+    """(plotly marker symbol, the same shape as text, colour) of a detector event kind."""
+    return EVENT_STYLE.get(kind, DEFAULT_EVENT_STYLE)
+
+
 def _event_trace(view: RunView, colour: str) -> dict | None:
     events = view.events
     if not len(events):
         return None
     kinds = events["kind"].astype(str).tolist()
-    symbols = [EVENT_STYLE.get(k, ("circle", MUTED))[0] for k in kinds]
-    colours = [EVENT_STYLE.get(k, ("circle", MUTED))[1] for k in kinds]
+    styles = [event_style(k) for k in kinds]
     text = [
-        f"{k.replace('_', ' ')} at step {s}: {m}"
-        for k, s, m in zip(kinds, events["step"], events["message"], strict=True)
+        f"{glyph} {k.replace('_', ' ')} at step {s}: {m}"
+        for (_, glyph, _), k, s, m in zip(
+            styles, kinds, events["step"], events["message"], strict=True
+        )
     ]
     return {
         "type": "scatter",
         "mode": "markers",
         "x": _steps(events["step"]),
-        "y": [0.93] * len(events),
+        "y": [0.9] * len(events),
         "xaxis": "x",
-        "yaxis": "y",
+        "yaxis": base_axis(0),
         "name": f"{view.name} events",
         "legendgroup": view.run_id,
         "showlegend": False,
+        "cliponaxis": False,  # an event at the first or last step is drawn whole
         "marker": {
-            "symbol": symbols,
-            "color": colours,
+            "symbol": [s[0] for s in styles],
+            "color": [s[2] for s in styles],
             "size": 11,
             "line": {"color": colour, "width": 1.5},
         },
         "text": text,
         "hovertemplate": "%{text}<extra>" + view.name + "</extra>",
+    }
+
+
+def _event_key_trace(kind: str) -> dict[str, Any]:
+    """A legend entry (no points) showing an event kind's marker as the panels draw it."""
+    symbol, _, colour = event_style(kind)
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "x": [None],
+        "y": [None],
+        "xaxis": "x",
+        "yaxis": base_axis(0),
+        "name": f"event: {kind.replace('_', ' ')}",
+        "legendgroup": f"event:{kind}",
+        "legendrank": 2,
+        "showlegend": True,
+        "hoverinfo": "skip",
+        "marker": {"symbol": symbol, "color": colour, "size": 10},
     }
 
 
@@ -424,15 +642,18 @@ def panels_figure(
     max_points: int,
     height: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The four step-aligned panels for ``views``, each series decimated to ~max_points.
+    """The step-aligned panels (:data:`PANELS`) for ``views``, series decimated to
+    ~max_points. Every panel has its band whatever the runs hold.
 
     Returns the figure and, per run id, where its traces are, for :func:`panels_extension`:
     ``{"last": last step drawn, "traces": {column: index}, "shade": [indices], "open": bool}``.
     """
-    layout = _panel_layout(height, runs=len(views))
-    data: list[dict[str, Any]] = []
+    kinds = sorted({k for v in views for k in v.events.get("kind", pd.Series()).astype(str)})
+    layout = _panel_layout(height, legend_items=len(views) + len(kinds))
+    data: list[dict[str, Any]] = [t for i in range(len(PANELS)) for t in _frame_traces(i)]
     trace_map: dict[str, dict[str, Any]] = {}
     dims: set[int] = set()
+    off_scale_panels: set[int] = set()
     for view in views:
         colour = colours[view.run_id]
         frame, last = view.metrics, view.last_step
@@ -443,48 +664,38 @@ def panels_figure(
         # Shading first: lower trace indices are drawn first, under the data.
         if collapsed:
             xs, ys = _shade_points(collapsed, last)
-            for axis in SHADE_AXES:
+            for i in range(len(PANELS)):
                 entry["shade"].append(len(data))
-                data.append(
-                    {
-                        "type": "scatter",
-                        "mode": "lines",
-                        "x": list(xs),
-                        "y": list(ys),
-                        "xaxis": "x",
-                        "yaxis": axis,
-                        "fill": "tozeroy",
-                        "fillcolor": COLLAPSE_FILL,
-                        "line": {"width": 0, "color": COLLAPSE_FILL},
-                        "hoverinfo": "skip",
-                        "showlegend": False,
-                        "legendgroup": view.run_id,
-                        "name": f"{view.name} collapsed",
-                    }
-                )
+                data.append(_shade_trace(view, base_axis(i), xs, ys))
             entry["open"] = collapsed[-1].end is None
-        for group in GROUPS:
-            present = [s for s in group if s.column in frame]
-            if not present:
-                continue
-            rows = decimate_frame(
-                frame, [s.column for s in present], max_points, flagged, event_steps, last
-            )
-            for series in present:
-                entry["traces"][series.column] = len(data)
-                data.append(_series_trace(view, colour, series, rows))
+        measured = _measured(frame)
+        for i, panel in enumerate(PANELS):
+            groups = _panel_groups(panel, measured)
+            for group in groups:
+                columns = [s.column for s in group]
+                rows = decimate_frame(frame, columns, max_points, flagged, event_steps, last)
+                for series in group:
+                    entry["traces"][series.column] = len(data)
+                    data.append(_series_trace(view, colour, series, data_axis(i), panel, rows))
+            off = _off_scale_trace(view, colour, panel, i, groups)
+            if off is not None:
+                data.append(off)
+                off_scale_panels.add(i)
         events = _event_trace(view, colour)
         if events is not None:
             data.append(events)
         trace_map[view.run_id] = entry
         if view.embedding_dim:
             dims.add(view.embedding_dim)
-    for dim in sorted(dims):
+    data += [_event_key_trace(kind) for kind in kinds]
+    layout["annotations"] += [_off_scale_note(PANELS[i], i) for i in sorted(off_scale_panels)]
+    sphere = data_axis(next(i for i, p in enumerate(PANELS) if p.key == "sphere"))
+    for n, dim in enumerate(sorted(dims)):
         healthy = healthy_std_of_l2_normalized(dim)
-        layout["shapes"].append(_hline("y8", healthy, MUTED))
-        layout["annotations"].append(
-            _hline_label("y8", healthy, f"healthy 1/√{dim} = {healthy:.3f}", MUTED)
-        )
+        layout["shapes"].append(_hline(sphere, healthy, MUTED))
+        # Staggered along the line: two widths' labels never print over each other.
+        label = f"healthy 1/√{dim} = {healthy:.3f}"
+        layout["annotations"].append(_hline_label(sphere, healthy, label, MUTED, 1 - 0.3 * n))
     if not views:
         layout["annotations"].append(
             {
@@ -500,6 +711,28 @@ def panels_figure(
     return {"data": data, "layout": layout}, trace_map
 
 
+def _shade_trace(view: RunView, axis: str, xs: list, ys: list) -> dict[str, Any]:
+    return {
+        "type": "scatter",
+        "mode": "lines",
+        "x": list(xs),
+        "y": list(ys),
+        "xaxis": "x",
+        "yaxis": axis,
+        "fill": "tozeroy",
+        "fillcolor": COLLAPSE_FILL,
+        "line": {"width": 0, "color": COLLAPSE_FILL},
+        "hoverinfo": "skip",
+        "showlegend": False,
+        "legendgroup": view.run_id,
+        "name": f"{view.name} collapsed",
+    }
+
+
+class NeedsRebuildError(Exception):
+    """New rows hold something an extension cannot draw (an off-scale value)."""
+
+
 def panels_extension(
     views: Sequence[RunView], trace_maps: Mapping[str, Mapping[str, Any]]
 ) -> tuple[list | None, dict[str, int]]:
@@ -507,7 +740,8 @@ def panels_extension(
 
     New rows are appended exactly (no decimation); an open collapse span is stretched to
     the new last step. Returns ``(extendData or None if nothing is new, {run id: rows
-    appended})``.
+    appended})``; raises :class:`NeedsRebuildError` when a new value is off scale (its ✱ and
+    the panel's note come with a rebuilt figure).
     """
     xs: list[list] = []
     ys: list[list] = []
@@ -519,17 +753,17 @@ def panels_extension(
         appended[view.run_id] = len(new)
         if not len(new):
             continue
-        for group in GROUPS:
-            present = [s for s in group if s.column in entry["traces"]]
-            if not present:
-                continue
-            rows = _group_frame(new, present)
-            if not len(rows):
-                continue
-            for series in present:
-                indices.append(entry["traces"][series.column])
-                xs.append(_steps(rows["step"]))
-                ys.append(_values(rows[series.column]))
+        for panel in PANELS:
+            for group in _panel_groups(panel, list(entry["traces"])):
+                rows = _group_frame(new, group)
+                if not len(rows):
+                    continue
+                if _off_scale_rows(rows, panel, group).any():
+                    raise NeedsRebuildError(view.run_id)
+                for series in group:
+                    indices.append(entry["traces"][series.column])
+                    xs.append(_steps(rows["step"]))
+                    ys.append(_drawn(rows[series.column].to_numpy(dtype=float), panel))
         if entry["open"]:
             for index in entry["shade"]:
                 indices.append(index)
@@ -538,6 +772,12 @@ def panels_extension(
     if not indices:
         return None, appended
     return [{"x": xs, "y": ys}, indices], appended
+
+
+def _group_frame(frame: pd.DataFrame, group: Sequence[Series]) -> pd.DataFrame:
+    columns = [s.column for s in group if s.column in frame]
+    values = frame[columns].to_numpy(dtype=float)
+    return frame.loc[~np.isnan(values).all(axis=1), ["step", *columns]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,12 +789,15 @@ def embedding_figure(projection: Projection | None, run_name: str = "") -> dict[
     """Scatter of a projected snapshot, one trace (colour + marker shape) per label."""
     layout: dict[str, Any] = {
         "template": _TEMPLATE_JSON,
-        "margin": {"l": 48, "r": 12, "t": 8, "b": 40},
+        "margin": {"l": 48, "r": 12, "t": 28, "b": 72},
         "showlegend": True,
+        # Under the plot: the toolbar takes the top right corner.
         "legend": {
             "orientation": "h",
             "x": 0,
-            "y": 1.02,
+            "xref": "container",
+            "y": 0,
+            "yref": "container",
             "yanchor": "bottom",
             "itemsizing": "constant",
             "font": {"size": 11},

@@ -12,7 +12,7 @@ from dash import dcc, html
 from collapsewatch.states import RunState
 
 from .data import Alert, RunEntry, RunView
-from .figures import EVENT_STYLE, MUTED, panels_figure
+from .figures import event_style, panels_figure
 
 
 class ID:
@@ -47,7 +47,7 @@ STATE_SYMBOLS = {
     RunState.EMPTY: "∅",
     "error": "⚠",
 }
-PANELS_HEIGHT = 820
+PANELS_HEIGHT = 1080  # six panels of ~120 px each, legend and step axis
 
 # Evidence keys the detector writes, in reading order, with their display names.
 EVIDENCE_LABELS = {
@@ -383,9 +383,10 @@ def events_table(views: Sequence[RunView], limit: int = 50) -> html.Table | html
                 html.Td(name, className="cw-nowrap"),
                 html.Td(
                     [
-                        html.Span(
-                            "●",
-                            style={"color": EVENT_STYLE.get(kind, ("", MUTED))[1]},
+                        html.Span(  # the shape and colour the panels mark this kind with
+                            event_style(kind)[1],
+                            style={"color": event_style(kind)[2]},
+                            className="cw-event-glyph",
                             **{"aria-hidden": "true"},
                         ),
                         f" {kind.replace('_', ' ')}",

@@ -86,3 +86,32 @@ def test_report_shows_the_class_geometry(runs, tmp_path):
     assert "rank the classes need" in page  # the rank panel's reference, from the dashboard
     last = cw.load_run(runs["healthy"]).metrics["num_classes"].dropna()
     assert (last == 10).all()
+
+
+REPORT_CASES = ("healthy", "collapsed", "margin-free", "diverged")
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("case", REPORT_CASES)
+def test_every_report_panel_has_its_band_and_its_data_at_1024_px(tmp_path, page, case, capsys):
+    """A report draws one run: each single-run case, read back from Plotly at 1024 px."""
+    from tests.dashboard.plotly_layout import assert_readable, save_screenshot, wait_for_panels
+    from tests.dashboard.runs import FULL_PANELS, write_case
+
+    logdir = tmp_path / "runs"
+    logdir.mkdir()
+    run_ids, with_data = write_case(logdir, case)
+    run_id = next(r for r in run_ids if r.startswith(case))  # the diverged one, not its peer
+    if case == "diverged":
+        with_data = FULL_PANELS  # one run
+    output = tmp_path / f"{case}.html"
+    assert main(["report", str(logdir / run_id), "-o", str(output)]) == 0
+    capsys.readouterr()
+    page.set_viewport_size({"width": 1024, "height": 900})
+    render(page, output)
+    layout = wait_for_panels(page, ".js-plotly-plot", with_data)
+    assert_readable(layout, with_data)
+    if case == "diverged":
+        assert layout["panels"][0]["range"][1] < 2  # the 1e14 loss is a ✱, not the scale
+        assert page.locator("td .glyph").count() >= 1
+    save_screenshot(page, f"report-{case}")

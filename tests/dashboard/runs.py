@@ -22,11 +22,13 @@ def metrics_frame(
     *,
     collapse_at: int | None = None,
     recover_at: int | None = None,
+    diverge_at: int | None = None,
     seed: int = 0,
     t0: float | None = None,
 ) -> pd.DataFrame:
     """Every metric column for ``steps``: healthy values, or collapsed ones from
-    ``collapse_at`` until ``recover_at`` (distances ~0, loss/margin = 1)."""
+    ``collapse_at`` until ``recover_at`` (distances ~0, loss/margin = 1), or, from
+    ``diverge_at``, a blow-up (loss/margin 1e14 then NaN, embedding variance 1e39)."""
     steps = np.asarray(steps, dtype=np.int64)
     n = len(steps)
     rng = np.random.default_rng(seed)
@@ -37,10 +39,10 @@ def metrics_frame(
             collapsed &= steps < recover_at
     ratio = np.where(collapsed, 1.0, 0.5 + 0.1 * rng.random(n))
     mpd = np.where(collapsed, 0.002, 0.5 + 0.05 * rng.random(n))
-    rank = np.full(n, np.nan)
-    rank[steps % 10 == 0] = np.where(collapsed, 1.1, 6.5)[steps % 10 == 0]
+    rank_steps = steps % 10 == 0
+    rank = np.where(rank_steps, np.where(collapsed, 1.1, 6.5), np.nan)
     start = time.time() - n if t0 is None else t0
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "step": steps,
             "time": start + np.arange(n, dtype=float),
@@ -62,8 +64,25 @@ def metrics_frame(
             "embedding_dim": float(DIM),
             "batch_size": 32.0,
             "num_valid_triplets": 32.0,
+            # Class geometry, measured with the rank.
+            "num_classes": np.where(rank_steps, 4.0, np.nan),
+            "within_class_variance_ratio": np.where(
+                rank_steps, np.where(collapsed, 0.95, 0.3), np.nan
+            ),
+            "alignment": np.where(rank_steps, np.where(collapsed, 0.0, 0.6), np.nan),
+            "uniformity": np.where(rank_steps, np.where(collapsed, 0.0, -2.2), np.nan),
         }
     )
+    if diverge_at is not None:
+        blown = steps >= diverge_at
+        ratio = np.where(steps >= diverge_at + 3, np.nan, 1e14)
+        frame.loc[blown, ["loss_margin_ratio", "loss"]] = np.c_[ratio, ratio * MARGIN][blown]
+        frame.loc[blown, "embedding_variance"] = 1e39
+        frame.loc[blown, "mean_pairwise_distance"] = np.inf
+        for column in ("std_of_l2_normalized", "frac_easy", "frac_semihard", "frac_hard"):
+            frame.loc[blown, column] = np.nan
+        frame.loc[blown, "nonfinite_count"] = float(DIM)
+    return frame
 
 
 def collapsed_event(step: int, since: int | None = None) -> Event:
@@ -92,6 +111,17 @@ def recovered_event(step: int) -> Event:
     )
 
 
+def diverged_event(step: int) -> Event:
+    return Event(
+        step=step,
+        kind="diverged",
+        state="diverged",
+        message="The loss is not finite and the embeddings blew up.",
+        suggestion="Lower the learning rate.",
+        evidence={"nonfinite_count": float(DIM)},
+    )
+
+
 def warning_event(step: int) -> Event:
     return Event(
         step=step,
@@ -110,6 +140,8 @@ def write_run(
     steps: int | Sequence[int] = 50,
     collapse_at: int | None = None,
     recover_at: int | None = None,
+    diverge_at: int | None = None,
+    seed: int = 0,
     events: Sequence[Event] | None = None,
     snapshots: Sequence[int] = (),
     columns: Sequence[str] | None = None,
@@ -119,7 +151,13 @@ def write_run(
     """A closed run file ``logdir/name.cwrun``; collapse events are added to match."""
     path = Path(logdir) / f"{name}.cwrun"
     step_values = np.arange(steps) if isinstance(steps, int) else np.asarray(steps)
-    frame = metrics_frame(step_values, collapse_at=collapse_at, recover_at=recover_at)
+    frame = metrics_frame(
+        step_values,
+        collapse_at=collapse_at,
+        recover_at=recover_at,
+        diverge_at=diverge_at,
+        seed=seed,
+    )
     if columns is not None:
         frame = frame[["step", "time", *columns]]
     writer = RunWriter(path, {"margin": MARGIN, "embedding_dim": DIM, **(metadata or {})})
@@ -130,6 +168,8 @@ def write_run(
             events.append(collapsed_event(collapse_at))
         if recover_at is not None:
             events.append(recovered_event(recover_at))
+        if diverge_at is not None:
+            events.append(diverged_event(diverge_at))
     if events:
         writer.append_events(events)
     for step in snapshots:
@@ -166,3 +206,35 @@ def write_broken(logdir: Path, name: str = "broken", kind: str = "garbage") -> P
     else:
         raise ValueError(kind)
     return path
+
+
+# The runs a reader must be able to read, each alone or side by side: case -> what to write.
+READABILITY_CASES = ("healthy", "collapsed", "margin-free", "diverged", "ten runs")
+# Traces with data each panel shows for one run holding every metric.
+FULL_PANELS = {"loss": 1, "spread": 2, "difficulty": 2, "rank": 2, "sphere": 1, "geometry": 3}
+
+
+def write_case(logdir: Path, case: str) -> tuple[list[str], dict[str, int]]:
+    """Write ``case``'s runs into ``logdir``; return their run ids and, per panel key, how
+    many traces with data the panels must show for them."""
+    if case == "healthy":
+        write_run(logdir, "healthy", steps=60, snapshots=[0, 50])
+        return ["healthy.cwrun"], FULL_PANELS
+    if case == "collapsed":
+        write_run(logdir, "collapsed", steps=60, collapse_at=30, snapshots=[0, 40])
+        return ["collapsed.cwrun"], FULL_PANELS
+    if case == "margin-free":
+        columns = ["loss", "mean_pairwise_distance", "embedding_variance"]
+        write_run(logdir, "margin-free", steps=60, columns=columns, metadata={"margin": None})
+        return ["margin-free.cwrun"], {"loss": 1, "spread": 2}
+    if case == "diverged":
+        write_run(logdir, "healthy", steps=60)
+        write_run(logdir, "diverged", steps=60, diverge_at=40, seed=1)
+        return ["diverged.cwrun", "healthy.cwrun"], {k: 2 * v for k, v in FULL_PANELS.items()}
+    if case == "ten runs":
+        names = [f"run{i:02d}" for i in range(10)]
+        for i, name in enumerate(names):
+            collapse_at = 10 + 5 * i if i % 3 == 0 else None
+            write_run(logdir, name, steps=60, collapse_at=collapse_at, seed=i)
+        return [f"{n}.cwrun" for n in names], {k: 10 * v for k, v in FULL_PANELS.items()}
+    raise ValueError(case)

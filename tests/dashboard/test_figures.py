@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,11 +12,17 @@ import plotly.io as pio
 import pytest
 from collapsewatch.dashboard.data import RunCache
 from collapsewatch.dashboard.figures import (
+    COLLAPSE_FILL,
+    EVENT_STYLE,
     LABEL_COLOURS,
     OKABE_ITO,
+    PANELS,
     RUN_COLOURS,
     STATE_COLOURS,
     TEMPLATE_NAME,
+    NeedsRebuildError,
+    base_axis,
+    data_axis,
     embedding_caption,
     embedding_figure,
     panels_extension,
@@ -27,6 +34,8 @@ from collapsewatch.dashboard.figures import (
 from collapsewatch.store import RunWriter
 from tests.dashboard.runs import collapsed_event, metrics_frame, write_run
 
+PANEL = {panel.key: i for i, panel in enumerate(PANELS)}
+
 
 def _traces(figure: dict, name: str) -> list[dict]:
     return [t for t in figure["data"] if t.get("name") == name]
@@ -34,6 +43,16 @@ def _traces(figure: dict, name: str) -> list[dict]:
 
 def _by_axis(figure: dict, axis: str) -> list[dict]:
     return [t for t in figure["data"] if t["yaxis"] == axis]
+
+
+def _series(figure: dict, panel: str) -> dict[str, dict]:
+    """The data traces of ``panel`` by their hover label."""
+    traces = _by_axis(figure, data_axis(PANEL[panel]))
+    return {t["hovertemplate"].split(" %")[0]: t for t in traces if "hovertemplate" in t}
+
+
+def _layout_axis(figure: dict, axis: str) -> dict:
+    return figure["layout"][f"yaxis{axis[1:]}"]
 
 
 def test_one_template_registered_once_and_used() -> None:
@@ -44,12 +63,77 @@ def test_one_template_registered_once_and_used() -> None:
     assert embedding_figure(None)["layout"]["template"] == figure["layout"]["template"]
 
 
-def test_palette_is_okabe_ito_and_states_are_distinct() -> None:
-    assert set(RUN_COLOURS) <= set(OKABE_ITO.values())
+def test_palette_keeps_collapse_red_for_collapse_and_states_are_distinct() -> None:
+    assert len(set(RUN_COLOURS)) == len(RUN_COLOURS) == 10  # ten runs, ten colours
+    assert OKABE_ITO["vermillion"] not in RUN_COLOURS  # the collapse shading's colour
     assert OKABE_ITO["yellow"] not in RUN_COLOURS  # too light on white
     assert len(set(STATE_COLOURS.values())) == len(STATE_COLOURS)
+    assert "diverged" in STATE_COLOURS and "diverged" in EVENT_STYLE
     assert len(set(LABEL_COLOURS)) == len(LABEL_COLOURS)
     assert run_colours(["b", "a"]) == {"a": RUN_COLOURS[0], "b": RUN_COLOURS[1]}
+    # Event kinds: one marker symbol and one text glyph each, none shared.
+    assert len({s[0] for s in EVENT_STYLE.values()}) == len(EVENT_STYLE)
+    assert len({s[1] for s in EVENT_STYLE.values()}) == len(EVENT_STYLE)
+
+
+def test_a_runs_colour_does_not_depend_on_what_else_is_plotted(logdir: Path) -> None:
+    for name in ("batchhard", "scaled", "zeta"):
+        write_run(logdir, name, steps=5)
+    cache = RunCache(logdir)
+    listed = [e.run_id for e in cache.run_list().entries]
+    colours = run_colours(listed)
+    alone, _ = panels_figure([cache.view("scaled.cwrun")], colours, 100)
+    both, _ = panels_figure(
+        [cache.view("batchhard.cwrun"), cache.view("scaled.cwrun")], colours, 100
+    )
+    colour_of = lambda figure: {  # noqa: E731
+        t["name"]: t["line"]["color"] for t in figure["data"] if t.get("showlegend")
+    }
+    assert colour_of(alone)["scaled"] == colour_of(both)["scaled"] == RUN_COLOURS[1]
+    assert colour_of(both)["batchhard"] == RUN_COLOURS[0]
+
+
+def _bands(figure: dict) -> list[tuple[float, float]]:
+    """Each panel's (bottom, top) as its base and data axes declare it."""
+    bands = []
+    for i in range(len(PANELS)):
+        base, data = _layout_axis(figure, base_axis(i)), _layout_axis(figure, data_axis(i))
+        assert base["domain"] == data["domain"] and data["overlaying"] == base_axis(i)
+        bands.append(tuple(base["domain"]))
+    return bands
+
+
+@pytest.mark.parametrize(
+    "kind", ["none", "healthy", "collapsed", "margin-free", "one step", "no rows", "diverged"]
+)
+def test_every_panel_keeps_its_band_whatever_the_runs_hold(logdir: Path, kind: str) -> None:
+    options = {
+        "healthy": {"steps": 30},
+        "collapsed": {"steps": 30, "collapse_at": 10},
+        "margin-free": {"steps": 30, "columns": ["loss", "mean_pairwise_distance"]},
+        "one step": {"steps": 1},
+        "no rows": {"steps": 0},
+        "diverged": {"steps": 30, "diverge_at": 20},
+    }
+    views = []
+    if kind != "none":
+        write_run(logdir, "r", **options[kind])
+        views = [RunCache(logdir).view("r.cwrun")]
+    figure, _ = panels_figure(views, {"r.cwrun": RUN_COLOURS[0]}, 100)
+    bands = _bands(figure)
+    assert len(bands) == len(PANELS) == 6
+    assert all(bottom < top for bottom, top in bands)
+    for (bottom, _), (_, next_top) in itertools.pairwise(bands):
+        assert next_top < bottom  # top to bottom, with a gap for the next title
+    assert bands[0][1] == 1 and bands[-1][0] == 0
+    # Plotly drops an axis no trace uses, and an overlaying axis whose base went loses
+    # its band: every axis carries a trace whatever the runs hold.
+    axes = {base_axis(i) for i in range(len(PANELS))} | {data_axis(i) for i in range(len(PANELS))}
+    assert {t["yaxis"] for t in figure["data"]} >= axes
+    # Panel titles: one per band, at its top.
+    titles = [a for a in figure["layout"]["annotations"] if a.get("name", "").startswith("title")]
+    assert [a["y"] for a in titles] == [top for _, top in bands]
+    json.dumps(figure, allow_nan=False)
 
 
 def test_panels_for_a_collapsed_run(logdir: Path) -> None:
@@ -57,31 +141,39 @@ def test_panels_for_a_collapsed_run(logdir: Path) -> None:
     view = RunCache(logdir).view("c.cwrun")
     figure, trace_map = panels_figure([view], {"c.cwrun": "#0072B2"}, 2000)
     layout = figure["layout"]
-    # Four panels on one shared step axis.
+    # Six panels on one shared step axis.
     assert {t["xaxis"] for t in figure["data"]} == {"x"}
     assert layout["xaxis"]["title"]["text"] == "training step"
-    assert layout["yaxis6"]["type"] == "log"
-    assert layout["yaxis7"]["range"] == [0, 1]
+    assert _layout_axis(figure, data_axis(PANEL["spread"]))["type"] == "log"
+    assert _layout_axis(figure, data_axis(PANEL["difficulty"]))["tickformat"] == ".0%"
     # The plateau line at loss/margin = 1.0.
-    assert any(s["yref"] == "y5" and s["y0"] == s["y1"] == 1.0 for s in layout["shapes"])
-    # The healthy value of std_of_l2_normalized, 1/√D.
+    loss = data_axis(PANEL["loss"])
+    assert any(s["yref"] == loss and s["y0"] == s["y1"] == 1.0 for s in layout["shapes"])
+    # The healthy value of std_of_l2_normalized, 1/√D, in its own panel.
+    sphere = data_axis(PANEL["sphere"])
     assert any(
-        s["yref"] == "y8" and math.isclose(s["y0"], 1 / math.sqrt(8)) for s in layout["shapes"]
+        s["yref"] == sphere and math.isclose(s["y0"], 1 / math.sqrt(8)) for s in layout["shapes"]
     )
-    # The collapse span, shaded in all four panels, open to the last step.
+    assert set(_series(figure, "sphere")) == {"std of L2-normalised"}
+    # The collapse span, shaded in every panel, open to the last step.
     shades = [figure["data"][i] for i in trace_map["c.cwrun"]["shade"]]
-    assert [t["yaxis"] for t in shades] == ["y", "y2", "y3", "y4"]
+    assert [t["yaxis"] for t in shades] == [base_axis(i) for i in range(len(PANELS))]
     assert all(t["fill"] == "tozeroy" and t["x"] == [60, 60, 99] for t in shades)
+    assert all(t["fillcolor"] == COLLAPSE_FILL for t in shades)
     assert trace_map["c.cwrun"]["open"] is True
-    # Stacked difficulty fractions, one stack per run.
-    fractions = _by_axis(figure, "y7")
-    assert [t["stackgroup"] for t in fractions] == ["difficulty:c.cwrun"] * 3
+    # Difficulty: lines with markers, never filled (a fill would read as collapse shading).
+    difficulty = _series(figure, "difficulty")
+    assert set(difficulty) == {"hard", "semi-hard"}
+    assert all("fill" not in t and "stackgroup" not in t for t in difficulty.values())
+    assert difficulty["hard"]["marker"]["symbol"] != difficulty["semi-hard"]["marker"]["symbol"]
     # Effective rank only where it was computed (every 10th step here).
-    rank = _by_axis(figure, "y9")[0]
-    assert rank["x"] == list(range(0, 100, 10))
-    # The legend names the run once; its events are marked.
-    assert [t["name"] for t in figure["data"] if t.get("showlegend")] == ["c"]
-    assert _traces(figure, "c events")[0]["x"] == [60]
+    assert _series(figure, "rank")["effective rank"]["x"] == list(range(0, 100, 10))
+    # The legend names the run once, then the event kind drawn; its events are marked.
+    assert [t["name"] for t in figure["data"] if t.get("showlegend")] == ["c", "event: collapsed"]
+    key = _traces(figure, "event: collapsed")[0]
+    events = _traces(figure, "c events")[0]
+    assert events["x"] == [60] and events["marker"]["symbol"] == [key["marker"]["symbol"]]
+    assert events["cliponaxis"] is False
     json.dumps(figure)  # plain JSON: no NaN, no NumPy
 
 
@@ -116,11 +208,53 @@ def test_nan_becomes_null_not_invalid_json(logdir: Path) -> None:
     writer.append_metrics(frame)
     writer.close()
     figure, _ = panels_figure([RunCache(logdir).view("n.cwrun")], {"n.cwrun": "#000000"}, 100)
-    mpd = _by_axis(figure, "y6")[0]
-    assert mpd["y"][2] is None
-    ratio = _by_axis(figure, "y5")[0]
-    assert 3 not in ratio["x"]  # a row with only an infinite value is not plotted
+    assert _series(figure, "spread")["mean pairwise distance"]["y"][2] is None
+    ratio = _series(figure, "loss")["loss / margin"]
+    assert ratio["y"][ratio["x"].index(3)] is None if 3 in ratio["x"] else True
+    # The infinite loss is marked on the panel's top edge instead.
+    (off,) = _traces(figure, "n off scale")
+    assert off["x"] == [3] and off["yaxis"] == base_axis(PANEL["loss"])
     json.dumps(figure, allow_nan=False)
+
+
+def test_a_diverged_run_is_marked_and_sets_no_range_for_the_others(logdir: Path) -> None:
+    write_run(logdir, "fine", steps=40)
+    write_run(logdir, "blown", steps=40, diverge_at=25)
+    cache = RunCache(logdir)
+    views = [cache.view("blown.cwrun"), cache.view("fine.cwrun")]
+    figure, _ = panels_figure(views, run_colours(["blown.cwrun", "fine.cwrun"]), 2000)
+    # No drawn value is off its panel's scale: the 1e14 loss and 1e39 variance are not
+    # on any line, so the axes autorange on the healthy values (loss/margin ≤ 0.6 here).
+    for i, panel in enumerate(PANELS):
+        low, high = panel.off_scale
+        for trace in _by_axis(figure, data_axis(i)):
+            assert all(low <= y <= high for y in trace["y"] if y is not None), trace
+    loss = [y for t in _by_axis(figure, data_axis(PANEL["loss"])) for y in t["y"] if y]
+    assert max(loss) < 1
+    # ✱ at every blown step where a value is infinite or beyond the panel's bounds (NaN
+    # alone is a value not measured, not a blow-up), and a note saying what ✱ means.
+    marks = {t["yaxis"]: t["x"] for t in _traces(figure, "blown off scale")}
+    assert marks == {
+        base_axis(PANEL["loss"]): [25, 26, 27],  # 1e14, then NaN
+        base_axis(PANEL["spread"]): list(range(25, 40)),  # inf distance, 1e39 variance
+    }
+    assert all(t["cliponaxis"] is False for t in _traces(figure, "blown off scale"))
+    notes = [a["name"] for a in figure["layout"]["annotations"] if "off-scale" in a.get("name", "")]
+    assert notes == ["off-scale:loss", "off-scale:spread"]
+    assert "1e+14" in _traces(figure, "blown off scale")[0]["text"][0]
+    assert not _traces(figure, "fine off scale")
+    json.dumps(figure, allow_nan=False)
+
+
+def test_a_run_without_a_margin_plots_its_loss(logdir: Path) -> None:
+    write_run(logdir, "infonce", steps=20, metadata={"margin": None}, columns=["loss"])
+    view = RunCache(logdir).view("infonce.cwrun")
+    figure, trace_map = panels_figure([view], {"infonce.cwrun": "#000000"}, 100)
+    assert set(_series(figure, "loss")) == {"loss (no margin)"}
+    assert trace_map["infonce.cwrun"]["traces"] == {"loss": 2 * len(PANELS)}  # after the frames
+    assert _series(figure, "loss")["loss (no margin)"]["y"][0] == pytest.approx(
+        view.metrics["loss"].iloc[0]
+    )
 
 
 @pytest.mark.parametrize("max_points", [500, 2000])
@@ -144,6 +278,7 @@ def test_a_100k_step_run_ships_a_bounded_payload_with_its_extremes(
     for trace in figure["data"]:
         assert len(trace["x"]) <= 2 * max_points, trace["name"]
     ratio = figure["data"][trace_map["long.cwrun"]["traces"]["loss_margin_ratio"]]
+    assert ratio["yaxis"] == data_axis(PANEL["loss"])
     assert max(ratio["y"]) == 9.0 and min(ratio["y"]) == -3.0
     assert {0, 4321, 54321, 70_000, n - 1} <= set(ratio["x"])
     # The whole JSON sent to the browser is a small fraction of the table.
@@ -178,8 +313,12 @@ def test_extension_appends_only_new_rows_and_stretches_an_open_span(logdir: Path
         at = indices.index(index)
         assert update["x"][at] == [22] and update["y"][at] == [1]
     assert len(indices) == len(update["x"]) == len(update["y"])
-    writer.close()
     json.dumps(extend, allow_nan=False)
+    # A value off scale needs its ✱ and the panel's note: the figure is rebuilt instead.
+    writer.append_metrics(metrics_frame(range(23, 26), diverge_at=23))
+    writer.close()
+    with pytest.raises(NeedsRebuildError):
+        panels_extension([cache.view("live.cwrun")], trace_map)
 
 
 def test_embedding_figure_colours_and_shapes_by_label(logdir: Path) -> None:
@@ -214,25 +353,33 @@ def test_embedding_figure_without_labels_or_with_many(logdir: Path) -> None:
     assert embedding_caption(None) == ""
 
 
-def test_rank_panel_draws_the_class_geometry_beside_the_rank(logdir: Path) -> None:
-    frame = metrics_frame(range(40))
-    rank_steps = frame["step"] % 10 == 0
-    for column, value in {
-        "num_classes": 4.0,
-        "within_class_variance_ratio": 0.3,
-        "alignment": 0.5,
-        "uniformity": -2.5,
-    }.items():
-        frame[column] = np.where(rank_steps, value, np.nan)
+def test_rank_and_class_geometry_panels_do_not_share_a_scale(logdir: Path) -> None:
+    frame = metrics_frame(range(40))  # num_classes 4 and the geometry on every 10th step
     writer = RunWriter(logdir / "g.cwrun", {"margin": 0.2, "embedding_dim": 8})
     writer.append_metrics(frame)
     writer.close()
     figure, _ = panels_figure([RunCache(logdir).view("g.cwrun")], {"g.cwrun": "#0072B2"}, 2000)
-    right = {t["hovertemplate"].split(" %")[0]: t for t in _by_axis(figure, "y9")}
+    rank = _series(figure, "rank")
     # The detector's reference, min(C − 1, D, N − 1) = min(3, 8, 31), on the rank's rows.
-    assert right["rank the classes need"]["y"] == [3.0] * 4
-    assert right["rank the classes need"]["x"] == right["effective rank"]["x"] == [0, 10, 20, 30]
-    left = {t["hovertemplate"].split(" %")[0]: t["y"] for t in _by_axis(figure, "y8")}
-    assert left["within-class variance share"] == [0.3] * 4
-    assert left["alignment"] == [0.5] * 4 and left["uniformity"] == [-2.5] * 4
+    assert rank["rank the classes need"]["y"] == [3.0] * 4
+    assert rank["rank the classes need"]["x"] == rank["effective rank"]["x"] == [0, 10, 20, 30]
+    geometry = {label: t["y"] for label, t in _series(figure, "geometry").items()}
+    assert geometry["within-class variance share"] == [0.3] * 4
+    assert geometry["alignment"] == [0.6] * 4 and geometry["uniformity"] == [-2.2] * 4
+    # Told apart by marker shape as well as dash, and the title names each shape.
+    symbols = [t["marker"]["symbol"] for t in _series(figure, "geometry").values()]
+    assert len(set(symbols)) == 3
+    dashes = [t["line"].get("dash", "solid") for t in _series(figure, "geometry").values()]
+    assert len(set(dashes)) == 3
     json.dumps(figure, allow_nan=False)
+
+
+def test_two_embedding_widths_label_their_healthy_std_apart(logdir: Path) -> None:
+    write_run(logdir, "narrow", steps=5, metadata={"embedding_dim": 16})
+    write_run(logdir, "wide", steps=5, metadata={"embedding_dim": 32})
+    cache = RunCache(logdir)
+    views = [cache.view("narrow.cwrun"), cache.view("wide.cwrun")]
+    figure, _ = panels_figure(views, run_colours(["narrow.cwrun", "wide.cwrun"]), 100)
+    labels = [a for a in figure["layout"]["annotations"] if a["text"].startswith("healthy 1/√")]
+    assert [a["text"].split(" =")[0] for a in labels] == ["healthy 1/√16", "healthy 1/√32"]
+    assert len({a["x"] for a in labels}) == 2  # side by side, never printed over each other

@@ -19,15 +19,18 @@ def logdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def serve_dashboard() -> Iterator[Callable[..., str]]:
-    """``serve_dashboard(logdir, interval_ms=250)`` starts the app on 127.0.0.1 and returns
-    its URL; every server started is stopped after the test."""
+    """``serve_dashboard(logdir, interval_ms=1000)`` starts the app on 127.0.0.1 and returns
+    its URL; every server started is stopped after the test.
+
+    Not faster by default: Dash drops a callback's answer when the next poll fires first,
+    so on a loaded machine a figure slower to build than the poll would never show."""
     from collapsewatch.dashboard import create_app
     from collapsewatch.dashboard._screenshot import serve_in_thread
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in test output
     with ExitStack() as stack:
 
-        def start(root: Path, interval_ms: int = 250, max_points: int = 2000) -> str:
+        def start(root: Path, interval_ms: int = 1000, max_points: int = 2000) -> str:
             app = create_app(root, interval_ms=interval_ms, max_points=max_points)
             return stack.enter_context(serve_in_thread(app))
 

@@ -19,11 +19,13 @@ import numbers
 import os
 import queue
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 import weakref
 from collections import deque
@@ -166,8 +168,13 @@ class _Batch:
 
 @dataclass
 class _Dashboard:
+    """A dashboard child process and the thread that announces it once it answers."""
+
     process: subprocess.Popen
     url: str
+    logdir: Path
+    announced: threading.Event = field(default_factory=threading.Event)
+    announcer: threading.Thread | None = None
 
 
 _DASHBOARDS: dict[tuple[str, int], _Dashboard] = {}
@@ -811,45 +818,119 @@ def _to_host(tensor: Tensor) -> Tensor:
     return host
 
 
-def _start_dashboard(logdir: Path, port: int) -> str:
-    """Serve ``logdir`` from a child process (never from the training process itself)."""
+DASHBOARD_PORTS_TRIED = 20  # a busy port moves the dashboard up to this many ports on
+DASHBOARD_START_TIMEOUT = 180.0  # seconds to wait for the page before saying it is late
+
+
+def _reopen_command(logdir: Path) -> str:
+    return f"collapsewatch dashboard {shlex.quote(str(logdir))}"
+
+
+def _free_port(first: int) -> int | None:
+    """The first port from ``first`` that 127.0.0.1 can bind, or None within the range."""
+    for port in range(first, min(first + DASHBOARD_PORTS_TRIED, 65536)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return None
+
+
+def _start_dashboard(logdir: Path, port: int) -> str | None:
+    """Serve ``logdir`` from a child process (never from the training process itself).
+
+    A busy ``port`` moves to the next free one (and says so); the URL is printed by a
+    thread once the page answers, so training never waits for it. Returns the URL, or None
+    when no dashboard could be started: that is reported and training goes on.
+    """
     key = (str(logdir.resolve()), port)
     running = _DASHBOARDS.get(key)
     if running is not None and running.process.poll() is None:
         return running.url
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            raise OSError(
-                f"port {port} is already in use; pass watch(..., dashboard=PORT) with a free port"
-            )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "collapsewatch",
-            "dashboard",
-            str(logdir),
-            "--port",
-            str(port),
-            "--exit-with",
-            str(os.getpid()),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    reopen = _reopen_command(logdir)
+    free = _free_port(port)
+    if free is None:
+        last = port + DASHBOARD_PORTS_TRIED - 1
+        print(
+            f"collapsewatch: ports {port}–{last} are all busy, so no dashboard was started; "
+            f"training goes on. Open one later with: {reopen} --port PORT",
+            flush=True,
+        )
+        return None
+    if free != port:
+        print(f"collapsewatch: port {port} is busy; the dashboard uses port {free}", flush=True)
+    command = [sys.executable, "-m", "collapsewatch", "dashboard", str(logdir)]
+    command += ["--port", str(free), "--exit-with", str(os.getpid())]
+    try:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    except OSError as error:
+        print(f"collapsewatch: cannot start the dashboard ({error}); open it with: {reopen}")
+        return None
+    url = f"http://127.0.0.1:{free}"
+    dashboard = _Dashboard(process, url, logdir)
+    dashboard.announcer = threading.Thread(
+        target=_announce, args=(dashboard,), name="collapsewatch-dashboard", daemon=True
     )
-    url = f"http://127.0.0.1:{port}"
-    _DASHBOARDS[key] = _Dashboard(process, url)
-    print(f"collapsewatch dashboard: {url}", flush=True)
+    _DASHBOARDS[key] = dashboard
+    dashboard.announcer.start()
     return url
+
+
+def _announce(dashboard: _Dashboard) -> None:
+    """Print the dashboard's URL once its page answers, or why it never did."""
+    deadline = time.monotonic() + DASHBOARD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        code = dashboard.process.poll()
+        if code is not None:
+            print(
+                f"collapsewatch: the dashboard stopped before it answered (exit code {code});"
+                f" open it with: {_reopen_command(dashboard.logdir)}",
+                flush=True,
+            )
+            return
+        try:
+            with urllib.request.urlopen(dashboard.url + "/", timeout=2) as page:
+                if page.status == 200:
+                    print(f"collapsewatch dashboard: {dashboard.url}", flush=True)
+                    dashboard.announced.set()
+                    return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.25)
+    print(
+        f"collapsewatch: the dashboard at {dashboard.url} has not answered after"
+        f" {DASHBOARD_START_TIMEOUT:.0f} s; it may still be starting",
+        flush=True,
+    )
+
+
+def _stop_dashboards() -> None:
+    """Stop the dashboards this process started; say how to reopen each run directory."""
+    for dashboard in _DASHBOARDS.values():
+        if dashboard.process.poll() is None:
+            if dashboard.announcer is not None:  # an answering page gets its URL line first
+                dashboard.announcer.join(timeout=3)
+            dashboard.process.terminate()
+            print(
+                f"collapsewatch: the dashboard stopped with training; reopen it with:"
+                f" {_reopen_command(dashboard.logdir)}",
+                flush=True,
+            )
+    _DASHBOARDS.clear()
 
 
 @atexit.register
 def _shutdown() -> None:
     for watcher in list(_OPEN_WATCHERS):
         watcher.close("interrupted")
-    for dashboard in _DASHBOARDS.values():
-        dashboard.process.terminate()
+    _stop_dashboards()
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -964,7 +1045,8 @@ def watch(
         scheduler: an LR scheduler to restore and adjust with it (``on_collapse="rescue"``).
         detector: thresholds of the collapse detector.
         dashboard: True (port 8050) or a port: serve this logdir's dashboard from a child
-            process and print its URL.
+            process (the next free port if that one is busy), print its URL once the page
+            answers and, when the process exits, how to reopen it. Never fails training.
         log_to: also send the metrics (as ``collapsewatch/<column>``, NaN left out), events
             and snapshots to a ``SummaryWriter``, a W&B run, an MLflow run (or the ``mlflow``
             module), a callable ``(metrics, step)``, or a list of these; written from the
@@ -1074,5 +1156,9 @@ def watch(
     if isinstance(on_collapse, Rescue):
         on_collapse.attach(watcher)
     if dashboard and rank == 0:
-        _start_dashboard(Path(logdir), 8050 if dashboard is True else int(dashboard))
+        port = 8050 if dashboard is True else int(dashboard)
+        try:
+            _start_dashboard(Path(logdir), port)
+        except Exception as error:  # a convenience: never lose the run to it
+            print(f"collapsewatch: no dashboard ({error}); open one with: collapsewatch dashboard")
     return watcher

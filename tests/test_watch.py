@@ -517,6 +517,8 @@ first = cw.watch(DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), logdir=logd
                  dashboard=port)
 second = cw.watch(DigitsEmbedder(), cw.losses.BatchAllTripletLoss(), logdir=logdir,
                   dashboard=port)  # the same server is reused, the URL not printed again
+from collapsewatch.watch import _DASHBOARDS  # the URL is printed once the page answers
+assert [d.announced.wait(120) for d in _DASHBOARDS.values()] == [True]
 for _ in range(240):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
@@ -551,6 +553,11 @@ def test_dashboard_option_serves_from_a_child_process(tmp_path, script):
     lines = result.stdout.splitlines()
     assert lines.count(f"collapsewatch dashboard: http://127.0.0.1:{port}") == 1
     assert "status 200" in lines
+    reopen = (
+        "collapsewatch: the dashboard stopped with training; reopen it with:"
+        f" collapsewatch dashboard {tmp_path}"
+    )
+    assert lines.count(reopen) == (script == DASHBOARD_SCRIPT)  # a killed process says nothing
     # The server goes away with the training process, however that ends.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

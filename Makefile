@@ -43,5 +43,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_losses.py
 	$(BIN)/python benchmarks/bench_watch.py
 
+# docs/dashboard.png (the README's) and docs/screenshots/*.png, the cases the readability
+# tests assert on, regenerated from the code in headless Chromium.
+.PHONY: screenshot
+screenshot: $(STAMP)
+	$(BIN)/python -m collapsewatch.dashboard._screenshot --out docs/dashboard.png
+	COLLAPSEWATCH_SCREENSHOTS=docs/screenshots COLLAPSEWATCH_REQUIRE_BROWSER=1 \
+		$(BIN)/python -m pytest -q tests/dashboard/test_readability.py tests/test_report.py -k 1024
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

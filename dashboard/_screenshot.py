@@ -12,6 +12,7 @@ detector's warning and collapsed events), and a healthy scaled run whose loss go
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import tempfile
@@ -42,6 +43,15 @@ DIM, CLASSES, PER_CLASS, STEPS = 32, 10, 40, 300
 SNAPSHOT_STEPS = (0, 15, 30, 36, 42, 48, 54, 60, 90, 120, 180, 240, 299)
 # The README shot shows step 42: mid-collapse, clusters at a fraction of their size.
 DEMO_SLIDER_INDEX = 4
+WAIT_MS = 120_000  # an upper bound only: every wait ends as soon as its condition holds
+# Every plot drawn from its latest figure: no Dash callback pending, plotly's layout and
+# data in place, no transition running.
+SETTLED = """() => {
+  if (document.querySelector('[data-dash-is-loading="true"]')) return false;
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  return plots.length > 0 && plots.every(gd => gd._fullLayout && gd._fullData
+    && !(gd._transitionData && gd._transitionData._inTransition));
+}"""
 
 
 @contextmanager
@@ -209,6 +219,9 @@ def _frame(
 ) -> pd.DataFrame:
     n = len(t)
     variance = mpd**2 / (2 * DIM)
+    # Class geometry on the rank steps, shaped by how spread the unit vectors are (1 ≈ the
+    # healthy 1/√D, 0 = one point): tight classes and a uniform sphere while healthy.
+    spread = np.where(np.isfinite(rank), np.clip(std * math.sqrt(DIM), 0, 1), np.nan)
     return pd.DataFrame(
         {
             "step": t.astype(np.int64),
@@ -231,6 +244,10 @@ def _frame(
             "embedding_dim": float(DIM),
             "batch_size": 64.0,
             "num_valid_triplets": 64.0,
+            "num_classes": np.where(np.isfinite(rank), float(CLASSES), np.nan),
+            "within_class_variance_ratio": 1 - 0.7 * spread,
+            "alignment": 0.6 * spread,
+            "uniformity": -3.2 * spread,
         }
     )
 
@@ -257,27 +274,32 @@ def screenshot(
     from collapsewatch.dashboard import create_app
     from playwright.sync_api import expect, sync_playwright
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log on the console
     app = create_app(logdir, interval_ms=1000)
     with serve_in_thread(app) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(WAIT_MS)
             page.goto(url)
-            # Wait until the panels and the embedding scatter have drawn real data.
-            expect(page.locator("#cw-panels .scatterlayer .trace").first).to_be_attached()
-            expect(page.locator("#cw-embed-graph .scatterlayer .point").first).to_be_attached()
+            # Wait on what the picture needs, never on a fixed time: a busy machine only
+            # waits longer. The panels and the scatter have drawn real data first.
+            expect(page.locator("#cw-panels .legend .traces").first).to_be_attached(timeout=WAIT_MS)
+            expect(page.locator("#cw-embed-graph .scatterlayer .point").first).to_be_attached(
+                timeout=WAIT_MS
+            )
             caption = page.locator("#cw-embed-caption")
-            expect(caption).to_contain_text("Step")
+            expect(caption).to_contain_text("Step", timeout=WAIT_MS)
             if slider_index is not None:
                 before = caption.inner_text()
                 page.locator("#cw-embed-slider [role=slider]").focus()
                 page.keyboard.press("Home")
                 for _ in range(slider_index):
                     page.keyboard.press("ArrowRight")
-                expect(caption).not_to_have_text(before)
-            page.wait_for_timeout(500)  # let plotly finish its transitions before the shot
+                expect(caption).not_to_have_text(before, timeout=WAIT_MS)
+            page.wait_for_function(SETTLED)
             out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
+            page.screenshot(path=str(out), full_page=True)
         finally:
             browser.close()
     return out

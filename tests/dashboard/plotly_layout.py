@@ -119,4 +119,12 @@ def save_screenshot(page: Any, name: str) -> None:
     folder = os.environ.get("COLLAPSEWATCH_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+        path = Path(folder) / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        try:  # 256 colours: a third of the size, and these are flat-coloured charts
+            from PIL import Image
+        except ImportError:
+            return
+        with Image.open(path) as image:
+            small = image.convert("RGB").quantize(256)
+        small.save(path, optimize=True)

@@ -93,6 +93,11 @@ def test_event_kinds_look_the_same_in_panels_legend_and_table(
     write_run(logdir, "c", steps=60, collapse_at=30, recover_at=45)
     page.goto(serve_dashboard(logdir))
     page.locator(".cw-events-table").wait_for()
+    # The table and the figure come from separate callbacks: wait for the drawn events.
+    page.wait_for_function(
+        f"() => {{ const gd = document.querySelector('{PANELS_GRAPH}');"
+        " return !!(gd && gd._fullData && gd._fullData.some(t => t.name === 'c events')); }"
+    )
     drawn = page.evaluate(
         f"() => {{ const d = document.querySelector('{PANELS_GRAPH}')._fullData;"
         " const ev = d.find(t => t.name === 'c events');"

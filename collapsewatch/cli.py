@@ -2,15 +2,20 @@
 
 Exit status: 0 on success (whatever the verdict), 1 for ``analyze --fail-on-collapse`` on a
 run collapsed or diverged at its end, 2 for bad arguments, missing paths or files that are
-not runs.
+not runs (one line on stderr, with the command to try next), 141 when the reader of the
+output went away (``… | head``), as for other Unix tools killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import shlex
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -20,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from collapsewatch._version import __version__
@@ -48,7 +54,37 @@ class CommandError(Exception):
     """A problem to report in one line with exit status 2."""
 
 
+def command_name() -> str:
+    """How to spell this command so that it works as printed from the current directory:
+    ``collapsewatch`` when that is on PATH and is this program, else its path (e.g.
+    ``.venv/bin/collapsewatch``), else ``python -m collapsewatch``."""
+    program = Path(sys.argv[0])
+    found = shutil.which("collapsewatch")
+    if program.name == "collapsewatch" and program.is_file():
+        if found is not None and Path(found).resolve() == program.resolve():
+            return "collapsewatch"
+        return shlex.quote(os.path.relpath(program) if not program.is_absolute() else str(program))
+    return f"{shlex.quote(sys.executable)} -m collapsewatch"
+
+
+def _check_run_path(path: str) -> None:
+    """Name the next command to try when ``path`` cannot be a run file."""
+    where = Path(path)
+    if where.is_dir():
+        raise CommandError(
+            f"{path!r} is a directory, not a run file; list its runs with: "
+            f"{command_name()} runs {shlex.quote(path)}"
+        )
+    if not where.exists():
+        folder = str(where.parent)
+        raise CommandError(
+            f"no such run file {path!r}; list the runs of a log directory with: "
+            f"{command_name()} runs {shlex.quote(folder)}"
+        )
+
+
 def _load(path: str) -> Run:
+    _check_run_path(path)
     try:
         return load_run(path)
     except RunFileError as error:
@@ -71,7 +107,11 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 def _state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+    return f"[{STATE_STYLE.get(state, 'white')}]{escape(state)}[/]"
+
+
+def _step(step: int | None) -> str:
+    return "–" if step is None else str(step)
 
 
 def _json(payload: Any) -> None:
@@ -84,7 +124,7 @@ def summary(run: Run, verdict: Verdict) -> dict[str, Any]:
         "run": run.name,
         "path": str(run.path),
         "status": run.metadata.get("status"),
-        "steps": len(run.metrics),
+        "recorded_steps": len(run.metrics),
         "margin": run.metadata.get("margin"),
         **verdict.as_dict(),
         "final": final_metrics(run.metrics),
@@ -97,10 +137,10 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         _json(_sanitize(summary(run, verdict)))
     else:
-        console.print(f"[bold]{run.name}[/]  {run.path}")
+        console.print(f"[bold]{escape(run.name)}[/]  {escape(str(run.path))}")
         console.print(
             f"state {_state(verdict.display_state)} after {len(run.metrics)} recorded steps "
-            f"(last step {verdict.last_step}, status {run.metadata.get('status')})"
+            f"(last step {verdict.last_step}, status {escape(str(run.metadata.get('status')))})"
         )
         if verdict.collapsed:
             recovered = (
@@ -114,11 +154,13 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         if verdict.events:
             table = Table("step", "event", "state", "what happened", title="events")
             for event in verdict.events:
-                table.add_row(str(event.step), event.kind, _state(event.state), event.message)
+                table.add_row(
+                    str(event.step), escape(event.kind), _state(event.state), escape(event.message)
+                )
             console.print(table)
         suggestions = dict.fromkeys(e.suggestion for e in verdict.events if e.suggestion)
         for suggestion in suggestions:
-            console.print(f"[bold]what to try:[/] {suggestion}")
+            console.print(f"[bold]advice:[/] {escape(suggestion)}")
     return 1 if args.fail_on_collapse and verdict.failed_at_end else 0
 
 
@@ -135,7 +177,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
                 "collapsed": verdict.collapsed,
                 "onset_step": verdict.onset_step,
                 "recovered_step": verdict.recovered_step,
-                "steps": len(run.metrics),
+                "recorded_steps": len(run.metrics),
+                "last_step": verdict.last_step,
                 "margin": run.metadata.get("margin"),
                 **final_metrics(run.metrics),
             }
@@ -149,7 +192,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         "state",
         "onset",
         "recovered",
-        "steps",
+        "recorded",
+        "last step",
         "loss/margin",
         "mean dist",
         "variance",
@@ -159,11 +203,12 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         table.add_column(column, justify="left" if column in ("run", "state") else "right")
     for row in rows:
         table.add_row(
-            row["run"],
+            escape(row["run"]),
             _state(row["state"]),
-            str(row["onset_step"] if row["onset_step"] is not None else "–"),
-            str(row["recovered_step"] if row["recovered_step"] is not None else "–"),
-            str(row["steps"]),
+            _step(row["onset_step"]),
+            _step(row["recovered_step"]),
+            str(row["recorded_steps"]),
+            _step(row["last_step"]),
             _number(row["loss_margin_ratio"]),
             _number(row["mean_pairwise_distance"]),
             _number(row["embedding_variance"]),
@@ -197,7 +242,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
                 "path": str(path),
                 "state": state,
                 "status": s.status,
-                "steps": s.num_steps,
+                "recorded_steps": s.recorded_steps,
                 "last_step": s.last_step,
                 "loss": s.last_loss,
                 "margin": s.margin,
@@ -208,21 +253,24 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
         _json(_sanitize(rows))
         return 0
     if not rows:
-        console.print(f"no runs in {args.logdir}")
+        console.print(f"no runs in {escape(args.logdir)}")
         return 0
     table = Table(
         "run",
         "state",
         "status",
-        "steps",
+        "recorded",
+        "last step",
         "loss",
         "margin",
         "last update",
-        title=f"runs in {args.logdir}",
+        title=f"runs in {escape(args.logdir)}",
     )
     for row in rows:
         if "error" in row:
-            table.add_row(row["run"], "[red]unreadable[/]", row["error"], "", "", "", "")
+            table.add_row(
+                escape(row["run"]), "[red]unreadable[/]", escape(row["error"]), "", "", "", "", ""
+            )
             continue
         updated = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["last_update"]))
@@ -230,10 +278,11 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
             else "–"
         )
         table.add_row(
-            row["run"],
+            escape(row["run"]),
             _state(row["state"]),
-            row["status"],
-            str(row["steps"]),
+            escape(str(row["status"])),
+            str(row["recorded_steps"]),
+            _step(row["last_step"]),
             _number(row["loss"]),
             _number(row["margin"]),
             updated,
@@ -245,6 +294,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from collapsewatch import trackers
 
+    _check_run_path(args.run)
     try:
         if args.to == "tensorboard":
             trackers.require("tensorboard", "tensorboard")
@@ -264,7 +314,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
                 metrics.to_parquet(args.output, index=False)
     except (RunFileError, ImportError) as error:
         raise CommandError(str(error)) from None
-    console.print(f"{args.run} exported to {args.to}: {args.output}")
+    console.print(f"{escape(args.run)} exported to {args.to}: {escape(str(args.output))}")
     return 0
 
 
@@ -272,9 +322,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from collapsewatch.report import write_report
 
     run = _load(args.run)
-    output = Path(args.output)
+    output = Path(args.output) if args.output else Path(args.run).with_suffix(".html")
     write_report(run, analyze(run), output)
-    console.print(f"report written to {output}")
+    console.print(f"report written to {escape(str(output.resolve()))}", soft_wrap=True)
     return 0
 
 
@@ -285,7 +335,7 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
 
     if args.exit_with is not None:
         _exit_with(args.exit_with)
-    console.print(f"collapsewatch dashboard: http://{args.host}:{args.port}")
+    console.print(f"collapsewatch dashboard: http://{escape(args.host)}:{args.port}")
     serve(
         args.logdir,
         host=args.host,
@@ -337,14 +387,22 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         verdict = analyze(run)
         final = final_metrics(run.metrics)
         table.add_row(
-            run.name,
+            escape(run.name),
             _state(verdict.display_state.value),
             str(verdict.onset_step if verdict.onset_step is not None else "–"),
             _number(final["loss_margin_ratio"]),
             _number(final["mean_pairwise_distance"]),
         )
     console.print(table)
-    console.print(f"runs saved in {args.logdir}; inspect them with: collapsewatch analyze RUN")
+    command = command_name()
+    console.print(f"runs saved in {escape(args.logdir)}; inspect them with:")
+    for path in paths:
+        # soft_wrap: a long path must not be broken into a command that no longer runs.
+        console.print(
+            f"  {escape(command)} analyze {escape(shlex.quote(str(path)))}", soft_wrap=True
+        )
+    every_run = " ".join(shlex.quote(str(path)) for path in paths)
+    console.print(f"  {escape(command)} compare {escape(every_run)}", soft_wrap=True)
     if dashboard is not None:
         console.print(f"dashboard still serving at http://127.0.0.1:{args.port} — Ctrl-C to stop")
         try:
@@ -366,15 +424,35 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with each option's default, for options that have a meaningful one
+    (not flags, not empty lists)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collapsewatch",
         description="Analyse, report on and watch triplet-loss runs for embedding collapse.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"collapsewatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand's help shows its defaults too.
+    add_command = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
 
-    p = commands.add_parser("analyze", help="the collapse verdict of one run")
+    p = add_command("analyze", help="the collapse verdict of one run")
     p.add_argument("run", help="a run file (.cwrun)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
@@ -384,29 +462,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_analyze)
 
-    p = commands.add_parser("report", help="a self-contained HTML report of one run")
+    p = add_command("report", help="a self-contained HTML report of one run")
     p.add_argument("run", help="a run file (.cwrun)")
-    p.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="HTML file to write (default: beside the run file, RUN with .html)",
+    )
     p.set_defaults(handler=cmd_report)
 
-    p = commands.add_parser("compare", help="final metrics and verdicts of runs side by side")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p = add_command("compare", help="final metrics and verdicts of runs side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run files (.cwrun)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(handler=cmd_compare)
 
-    p = commands.add_parser("runs", help="the runs in a log directory with their state")
-    p.add_argument("logdir")
+    p = add_command("runs", help="the runs in a log directory with their state")
+    p.add_argument("logdir", help="a log directory (watch(logdir=...))")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(handler=cmd_runs)
 
-    p = commands.add_parser("dashboard", help="serve the live dashboard for a log directory")
-    p.add_argument("logdir")
+    p = add_command("dashboard", help="serve the live dashboard for a log directory")
+    p.add_argument("logdir", help="a log directory (watch(logdir=...))")
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface to bind (default 127.0.0.1: this machine only)",
+        help="interface to bind (127.0.0.1: this machine only)",
     )
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=int, default=8050, help="port to serve on")
     p.add_argument("--interval", type=int, default=2000, help="polling interval in ms")
     p.add_argument(
         "--allow-host",
@@ -424,9 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_dashboard)
 
-    p = commands.add_parser("demo", help="train a collapsing and a healthy run on digits")
+    p = add_command("demo", help="train a collapsing and a healthy run on digits")
     p.add_argument("--steps", type=int, default=600, help="training steps per run")
-    p.add_argument("--logdir", default="runs/demo")
+    p.add_argument("--logdir", default="runs/demo", help="where the two runs are written")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--port", type=int, default=8050, help="dashboard port")
     p.add_argument(
@@ -437,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_demo)
 
-    p = commands.add_parser(
+    p = add_command(
         "export", help="write a saved run to TensorBoard (scalars, events, projector) or a table"
     )
     p.add_argument("run", help="a run file (.cwrun)")
@@ -447,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("tensorboard", "csv", "parquet"),
         help="tensorboard: OUTPUT is a log directory; csv, parquet: the metrics table's file",
     )
-    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("output", metavar="OUTPUT", help="where to write (see --to)")
     p.set_defaults(handler=cmd_export)
     return parser
 
@@ -458,12 +540,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
-        return args.handler(args, console)
+        status = args.handler(args, console)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except CommandError as error:
         print(f"collapsewatch {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`… | head`): stop quietly, and keep Python's exit-time flush of
+        # stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -507,7 +507,7 @@ class RunSummary:
     name: str
     status: str
     state: str
-    num_steps: int
+    recorded_steps: int
     last_step: int | None
     last_time: float | None
     last_loss: float | None
@@ -795,7 +795,7 @@ class RunReader:
             state=str(states[0][0])
             if states
             else (RunState.HEALTHY if count else RunState.EMPTY).value,
-            num_steps=int(count),
+            recorded_steps=int(count),
             last_step=last_step if isinstance(last_step, int) else None,
             last_time=_number_or_none(last_time),
             last_loss=_number_or_none(last_loss),

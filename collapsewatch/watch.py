@@ -946,11 +946,16 @@ def _claim_run_name(path: Path, resume: bool) -> bool:
     if resume:
         return True
     summary = _summary_or_none(path)
-    if summary is not None and summary.num_steps == 0 and summary.status != "running":
+    if summary is not None and summary.recorded_steps == 0 and summary.status != "running":
         for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
             leftover.unlink(missing_ok=True)
         return False
-    what = "" if summary is None else f" ({summary.num_steps} steps, {summary.status})"
+    what = (
+        ""
+        if summary is None
+        else f" ({summary.recorded_steps} recorded steps up to step {summary.last_step}, "
+        f"{summary.status})"
+    )
     raise FileExistsError(
         f"run {path.stem!r} already exists in {str(path.parent)!r}{what}; continue it with "
         "watch(..., resume=True), pick another name, or leave run= out for a unique "

@@ -64,7 +64,7 @@ class RunListUpdate:
 def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> list[str]:
     """The most recently updated readable runs, for a page that has selected nothing yet."""
     readable = [e for e in listing.entries if e.summary is not None]
-    readable.sort(key=lambda e: e.summary.last_time or e.summary.num_steps or 0, reverse=True)
+    readable.sort(key=lambda e: e.summary.last_time or e.summary.recorded_steps or 0, reverse=True)
     return sorted(e.run_id for e in readable[:limit])
 
 

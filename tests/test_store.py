@@ -83,7 +83,7 @@ def test_reader_polls_new_rows_and_summarises(tmp_path):
         assert list(new.columns) == ["step", "loss"] and list(new["step"]) == [3, 4]
         assert list(reader.metrics(until_step=1)["step"]) == [0, 1]
         summary = reader.summary()
-        assert (summary.num_steps, summary.last_step, summary.last_loss) == (5, 4, 2.0)
+        assert (summary.recorded_steps, summary.last_step, summary.last_loss) == (5, 4, 2.0)
         assert summary.state == "healthy" and summary.status == "running"
         with pytest.raises(KeyError, match="unknown metric columns"):
             reader.metrics(columns=["nope"])
@@ -230,7 +230,7 @@ def test_kill_minus_9_loses_at_most_the_last_commit_interval(tmp_path):
     assert len(steps) >= 50
     assert run.metadata["status"] == "running"  # never closed
     with RunReader(run_path(tmp_path, "killed")) as reader:
-        assert reader.summary().num_steps == len(steps)
+        assert reader.summary().recorded_steps == len(steps)
     db = sqlite3.connect(f"{run_path(tmp_path, 'killed').as_uri()}?mode=ro", uri=True)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()

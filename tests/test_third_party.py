@@ -419,7 +419,7 @@ def test_a_run_that_failed_before_its_first_step_is_empty_and_frees_its_name(tmp
     assert cw.analyze(tmp_path / "again.cwrun").state == "empty"
     assert cli_main(["runs", str(tmp_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [(r["run"], r["state"], r["steps"]) for r in listed] == [("again", "empty", 0)]
+    assert [(r["run"], r["state"], r["recorded_steps"]) for r in listed] == [("again", "empty", 0)]
     trained = train(tmp_path, "again", loss_fn, bundled_step(loss_fn), lr=0.05, steps=3,
                     per_class=4)  # fmt: skip
     assert list(trained.metrics["step"]) == [0, 1, 2]

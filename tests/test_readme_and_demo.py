@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import subprocess
 import sys
@@ -30,8 +28,9 @@ def test_readme_opens_with_make_demo_and_make_test():
     assert README.index("```") < README.index("collapsewatch catches")
 
 
-@pytest.mark.slow
-def test_readme_example_runs_and_reports_the_collapse(tmp_path, monkeypatch):
+def test_readme_example_is_short_and_shows_the_collapse():
+    """tests/test_docs.py runs it and checks what it prints (its ``# ->`` comment) and the
+    commands after it; here: that it stays a 10-line example ending in the verdict."""
     example = code_blocks("python")[0]
     body = [
         line
@@ -40,12 +39,7 @@ def test_readme_example_runs_and_reports_the_collapse(tmp_path, monkeypatch):
     ]
     assert len(body) <= 12  # "a 10-line example", plus the print
     assert "cw.watch(" in example
-    monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
-    assert out.getvalue().strip().splitlines()[-1] == "collapsed"
-    assert (tmp_path / "runs" / "readme.cwrun").is_file()
+    assert body[-1].endswith("# -> collapsed")
 
 
 @pytest.mark.slow

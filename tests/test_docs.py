@@ -1,0 +1,384 @@
+"""Every code block of README.md and docs/*.md, run as written.
+
+The fenced blocks are read with markdown-it (the parser rich depends on). Per file:
+
+- ``python`` blocks run in order in one namespace (a later block may use an earlier one's
+  names), in a fresh temporary working directory. A line's ``# -> TEXT`` comment is
+  output the block prints: the block's standard output must read the concatenated
+  ``# ->`` texts, whitespace-normalised, ``...`` matching anything. A ``text`` block right
+  after a python block is what that block shows: a warning (``SomeWarning: message``) it
+  must emit, or else its standard output.
+- ``bash`` / ``console`` / ``sh`` blocks run after the file's python blocks, one item per
+  command line, in that directory. A ``collapsewatch`` command runs as printed, through the
+  venv's console script, and must exit 0. ``collapsewatch dashboard`` and ``demo`` serve
+  until stopped: their ``--help`` is run instead and must list every option the line uses.
+  So must ``python benchmarks/...`` scripts' (a benchmark takes minutes). ``make``, ``pip``
+  and other programs are not run: those lines are reported as skipped, with the reason.
+- A ``text`` block of ``collapsewatch ...`` lines is a synopsis: it must name every
+  subcommand and, per subcommand, exactly the options its ``--help`` lists.
+- ``<!-- docs-test: skip (REASON) -->`` right before a block skips it with that reason
+  (python blocks are still compiled). Only for what truly needs a GPU, a network or a
+  server that never returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from markdown_it import MarkdownIt
+
+from collapsewatch import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIP_MARK = re.compile(r"<!--\s*docs-test:\s*skip\s*\((?P<reason>.+?)\)\s*-->", re.S)
+PYTHON = {"python", "py", "python3"}
+SHELL = {"bash", "console", "sh", "shell"}
+OUTPUT = {"text", "output"}
+SERVERS = {"dashboard", "demo"}  # subcommands that serve until stopped
+NOT_RUN = {
+    "make": "a make target sets up the venv and runs the demo, the suite or the benchmarks",
+    "pip": "installs packages",
+    "tensorboard": "serves until stopped",
+}
+WARNING_LINE = re.compile(r"^(?P<category>\w*Warning): (?P<message>.*)$", re.S)
+EXPECTED_COMMENT = re.compile(r"#\s*->\s?(?P<text>.*)$")
+COMMAND_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block: where it is, its language, its text, and a skip reason if marked."""
+
+    path: Path
+    line: int  # the opening fence's line, 1-based
+    language: str
+    source: str
+    skip: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def collect(path: Path) -> list[Block]:
+    """The fenced code blocks of one Markdown file, in order."""
+    blocks: list[Block] = []
+    skip = None
+    for token in MarkdownIt("commonmark").parse(path.read_text()):
+        if token.type == "html_block":
+            mark = SKIP_MARK.search(token.content)
+            skip = mark.group("reason") if mark else None
+            continue
+        if token.type == "fence":
+            language = token.info.split()[0] if token.info.strip() else ""
+            blocks.append(Block(path, token.map[0] + 1, language, token.content, skip))
+        skip = None
+    return blocks
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def matches(pattern: str, text: str) -> bool:
+    """Whether ``text`` reads ``pattern`` up to whitespace, ``...``/``…`` matching anything."""
+    pieces = re.split(r"\.\.\.|…", normalise(pattern))
+    regex = ".*?".join(re.escape(piece.strip()) for piece in pieces)
+    regex = regex.replace(r"\ ", r"\s+")
+    return re.fullmatch(regex, normalise(text), flags=re.S) is not None
+
+
+def expected_stdout(source: str) -> str | None:
+    """The ``# -> TEXT`` comments of a python block, joined; None when it has none."""
+    texts = []
+    for line in source.splitlines():
+        comment = EXPECTED_COMMENT.search(line)
+        if comment:
+            texts.append(comment.group("text"))
+    return " ".join(texts) if texts else None
+
+
+# ----------------------------------------------------------------------------- per file
+@dataclass
+class DocRun:
+    """A file's shared namespace and directory, and what its python blocks did so far."""
+
+    path: Path
+    blocks: list[Block]
+    workdir: Path
+    namespace: dict[str, Any] = field(default_factory=dict)
+    done: dict[int, tuple[str, list[warnings.WarningMessage], str | None]] = field(
+        default_factory=dict
+    )  # block index -> (stdout, warnings, failure message or None)
+
+    def run_python(self, index: int) -> tuple[str, list[warnings.WarningMessage], str | None]:
+        """Run python block ``index`` (and every earlier one first), once; its result."""
+        for earlier in range(index):
+            if self.blocks[earlier].language in PYTHON and earlier not in self.done:
+                self.run_python(earlier)
+            failure = self.done.get(earlier, (None, None, None))[2]
+            if failure is not None:
+                return "", [], f"not run: {self.blocks[earlier].where} failed before it"
+        if index not in self.done:
+            self.done[index] = self._execute(self.blocks[index])
+        return self.done[index]
+
+    def _execute(self, block: Block) -> tuple[str, list[warnings.WarningMessage], str | None]:
+        # Padded so that tracebacks give the Markdown file's own line numbers.
+        code = compile("\n" * block.line + block.source, str(block.path), "exec")
+        if block.skip:
+            return "", [], None
+        out = io.StringIO()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with contextlib.redirect_stdout(out):
+                    exec(code, self.namespace)
+            except BaseException as error:  # a doc block may raise anything
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                trace = "".join(traceback.format_exception(error)[-12:])
+                return out.getvalue(), list(caught), f"{block.where} raised:\n{trace}"
+        return out.getvalue(), list(caught), None
+
+
+_RUNS: dict[Path, DocRun] = {}
+
+
+@pytest.fixture
+def doc_run(request, tmp_path_factory, monkeypatch) -> Iterator[DocRun]:
+    """The DocRun of the item's file, the working directory changed into its folder, the
+    venv's bin first on PATH (for the ``collapsewatch`` script), nothing online, and one
+    torch thread (two threads on a loaded 2-core machine run the examples 5-40× slower)."""
+    block: Block = request.param[0] if isinstance(request.param, tuple) else request.param
+    if block.path not in _RUNS:
+        workdir = tmp_path_factory.mktemp(block.path.stem)
+        _RUNS[block.path] = DocRun(
+            block.path, collect(block.path), workdir, {"__name__": f"docs_{block.path.stem}"}
+        )
+    run = _RUNS[block.path]
+    monkeypatch.chdir(run.workdir)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield run
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ items
+def _python_items() -> list[Any]:
+    items = []
+    for path in DOCS:
+        for block in collect(path):
+            if block.language in PYTHON:
+                marks = [pytest.mark.slow]
+                items.append(pytest.param(block, id=f"{block.where} python", marks=marks))
+    return items
+
+
+def _shell_commands(block: Block) -> list[tuple[int, str]]:
+    """(line, command) per command of a shell block: comments and ``$`` prompts removed,
+    backslash continuations joined; output lines of a console block left out."""
+    commands: list[tuple[int, str]] = []
+    pending = ""
+    for offset, raw in enumerate(block.source.splitlines(), start=1):
+        line = raw.strip()
+        if block.language == "console":
+            if not line.startswith("$") and not pending:
+                continue  # output shown after a prompt
+            line = line.removeprefix("$").strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        commands.append((block.line + offset, pending + line))
+        pending = ""
+    return commands
+
+
+def _shell_items() -> list[Any]:
+    items = []
+    for path in DOCS:
+        for block in collect(path):
+            if block.language in SHELL:
+                for line, command in _shell_commands(block):
+                    words = shlex.split(command, comments=True)
+                    text = " ".join(words)
+                    item_id = f"{block.path.relative_to(ROOT)}:{line} {text}"
+                    items.append(pytest.param((block, words), id=item_id, marks=pytest.mark.slow))
+    return items
+
+
+def _synopsis_items() -> list[Any]:
+    items = []
+    for path in DOCS:
+        for block in collect(path):
+            if _is_synopsis(block):
+                items.append(pytest.param(block, id=f"{block.where} synopsis"))
+    return items
+
+
+def _is_synopsis(block: Block) -> bool:
+    return block.language in OUTPUT and block.source.startswith("collapsewatch ")
+
+
+def _following_output(run: DocRun, block: Block) -> Block | None:
+    """The output block shown right after ``block``, if any."""
+    index = run.blocks.index(block)
+    if index + 1 < len(run.blocks):
+        shown = run.blocks[index + 1]
+        if shown.language in OUTPUT and not _is_synopsis(shown):
+            return shown
+    return None
+
+
+@pytest.mark.parametrize("doc_run", _python_items(), indirect=True)
+def test_python_block(doc_run: DocRun, request) -> None:
+    block: Block = request.node.callspec.params["doc_run"]
+    index = doc_run.blocks.index(block)
+    stdout, caught, failure = doc_run.run_python(index)
+    if block.skip:
+        pytest.skip(f"{block.where}: {block.skip}")
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    expected = expected_stdout(block.source)
+    if expected is not None and not matches(expected, stdout):
+        pytest.fail(
+            f"{block.where}: the block's '# ->' comments say it prints\n  {expected}\n"
+            f"but it printed\n  {normalise(stdout)}",
+            pytrace=False,
+        )
+    shown = _following_output(doc_run, block)
+    if shown is None:
+        return
+    if WARNING_LINE.match(shown.source.strip()):
+        emitted = [f"{w.category.__name__}: {w.message}" for w in caught]
+        if not any(matches(shown.source, text) for text in emitted):
+            pytest.fail(
+                f"{shown.where} quotes a warning that {block.where} does not emit:\n"
+                f"  {normalise(shown.source)}\nit emitted:\n  " + "\n  ".join(emitted),
+                pytrace=False,
+            )
+    elif not matches(shown.source, stdout):
+        pytest.fail(
+            f"{shown.where} shows the output of {block.where}:\n  {normalise(shown.source)}\n"
+            f"but it printed\n  {normalise(stdout)}",
+            pytrace=False,
+        )
+
+
+def _help(subcommand: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main([subcommand, "--help"])
+    return out.getvalue()
+
+
+def _options(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", text)) - {"-h", "--help"}
+
+
+def _usage(help_text: str) -> str:
+    return help_text.split("\n\n")[0]
+
+
+@pytest.mark.parametrize("doc_run", _shell_items(), indirect=True)
+def test_shell_command(doc_run: DocRun, request) -> None:
+    block, words = request.node.callspec.params["doc_run"]
+    where = f"{block.path.relative_to(ROOT)} `{' '.join(words)}`"
+    program = words[0]
+    if program in NOT_RUN:
+        pytest.skip(f"{where}: not run ({NOT_RUN[program]})")
+    if program in {"python", "python3"} and len(words) > 1 and words[1].startswith("benchmarks/"):
+        # A benchmark takes minutes: check the line's options against its --help.
+        unknown = _used_options(words[2:]) - _options(_script_help(words[1]))
+        assert not unknown, f"{where}: {words[1]} --help lists no {sorted(unknown)}"
+        return
+    if program != "collapsewatch":
+        pytest.skip(f"{where}: not run ({program} is not collapsewatch)")
+    for index, other in enumerate(doc_run.blocks):  # the file's python blocks first
+        if other.language in PYTHON:
+            failure = doc_run.run_python(index)[2]
+            if failure is not None:
+                pytest.fail(f"{where} not run: {failure}", pytrace=False)
+    executable = shutil.which("collapsewatch")
+    assert executable is not None, "no collapsewatch script next to the test's Python"
+    if len(words) > 1 and words[1] in SERVERS:
+        # Serves until stopped: check the line's options against its --help instead.
+        result = _run([executable, words[1], "--help"], cwd=doc_run.workdir)
+        assert result.returncode == 0, f"{where}: --help failed:\n{result.stderr}"
+        unknown = _used_options(words[2:]) - _options(result.stdout)
+        assert not unknown, f"{where}: collapsewatch {words[1]} has no {sorted(unknown)}"
+        return
+    result = _run([executable, *words[1:]], cwd=doc_run.workdir)
+    assert result.returncode == 0, (
+        f"{where} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    )
+
+
+def _used_options(words: list[str]) -> set[str]:
+    return {word.split("=")[0] for word in words if word.startswith("-")}
+
+
+@functools.cache
+def _script_help(script: str) -> str:
+    result = _run([sys.executable, script, "--help"], cwd=ROOT)
+    assert result.returncode == 0, f"{script} --help failed:\n{result.stderr}"
+    return result.stdout
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+    )
+
+
+@pytest.mark.parametrize("block", _synopsis_items())
+def test_cli_synopsis(block: Block) -> None:
+    lines = [line.strip() for line in block.source.splitlines() if line.strip()]
+    documented = {line.split()[1]: line for line in lines}
+    top = cli.build_parser().format_help()
+    listed = re.findall(r"^    (\w+)", top.split("positional arguments:")[1], flags=re.M)
+    assert set(documented) == set(listed), (
+        f"{block.where} lists subcommands {sorted(documented)}; --help lists {sorted(listed)}"
+    )
+    for subcommand, line in documented.items():
+        actual = _options(_usage(_help(subcommand)))
+        assert _options(line) == actual, (
+            f"{block.where}: `{line}` has options {sorted(_options(line))}; "
+            f"`collapsewatch {subcommand} --help` has {sorted(actual)}"
+        )
+
+
+def test_every_code_block_is_collected() -> None:
+    """Each block is run, checked as output or a synopsis, or is shell: none is left over."""
+    for path in DOCS:
+        blocks = collect(path)
+        for index, block in enumerate(blocks):
+            follows_python = index > 0 and blocks[index - 1].language in PYTHON
+            known = block.language in PYTHON | SHELL or _is_synopsis(block)
+            known = known or (block.language in OUTPUT and follows_python)
+            assert known, f"{block.where}: a `{block.language}` block that no test runs"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from collapsewatch.losses.base import TripletLoss
+from collapsewatch.losses.batch_all_triplet_loss import BatchAllTripletLoss
 from collapsewatch.losses.distances import Distance, check_distance
 
 
@@ -321,3 +322,17 @@ def loss_family(loss_fn: torch.nn.Module) -> str:
     if hasattr(loss_fn, "triplet_selector"):
         return "siamese"
     return "other"
+
+
+def loss_traits(loss_fn: torch.nn.Module, distance: DistanceSpec) -> frozenset[str]:
+    """What the loss already does that the collapse advice would otherwise suggest:
+    "scaled" (the bundled scaled variant), "batch_all" (the bundled batch-all loss),
+    "normalized" (the distance L2-normalises: cosine, or PML's normalising LpDistance)."""
+    traits = set()
+    if isinstance(loss_fn, TripletLoss) and getattr(loss_fn, "scaled", False):
+        traits.add("scaled")
+    if isinstance(loss_fn, BatchAllTripletLoss):
+        traits.add("batch_all")
+    if distance.distance == "cosine" or distance.normalize:
+        traits.add("normalized")
+    return frozenset(traits)

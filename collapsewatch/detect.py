@@ -47,49 +47,95 @@ from collapsewatch.store import Event, Run, load_run
 HEALTHY, WARNING, COLLAPSED = RunState.HEALTHY, RunState.WARNING, RunState.COLLAPSED
 DIVERGED, EMPTY = RunState.DIVERGED, RunState.EMPTY
 
-COLLAPSE_ADVICE = {
+
+@dataclass(frozen=True)
+class Remedy:
+    """One thing to try after a collapse; ``unless`` names the run trait (see
+    :func:`collapsewatch.adapters.loss_traits`, and "normalized" when the embeddings already
+    have norm 1) that means the run already does it, so it is not suggested."""
+
+    text: str
+    unless: str | None = None
+
+
+NORMALIZE = Remedy("L2-normalise the embeddings", "normalized")
+LOWER_LR = Remedy("lower the learning rate")
+SEVERAL_PER_CLASS = Remedy("use larger batches with several samples per class")
+
+COLLAPSE_REMEDIES: dict[str, tuple[Remedy, ...]] = {
     "bundled": (
-        "Try the scaled variant (scaled=True), a lower learning rate, batch-all instead of "
-        "batch-hard, L2-normalised embeddings, or larger batches with several samples per "
-        "class."
+        Remedy("use the scaled variant (scaled=True)", "scaled"),
+        LOWER_LR,
+        Remedy("use batch-all instead of batch-hard", "batch_all"),
+        NORMALIZE,
+        SEVERAL_PER_CLASS,
     ),
     "pml_triplet": (
-        "Mine semi-hard instead of the hardest triplets (TripletMarginMiner(margin, "
-        "type_of_triplets='semihard') in place of BatchHardMiner), lower the learning rate, "
-        "L2-normalise the embeddings (PML's default LpDistance does), or use larger batches "
-        "with several samples per class (MPerClassSampler)."
+        Remedy(
+            "mine semi-hard instead of the hardest triplets (TripletMarginMiner(margin, "
+            "type_of_triplets='semihard') in place of BatchHardMiner)"
+        ),
+        LOWER_LR,
+        Remedy(
+            "L2-normalise the embeddings (LpDistance(normalize_embeddings=True), PML's default)",
+            "normalized",
+        ),
+        Remedy("use larger batches with several samples per class (MPerClassSampler)"),
     ),
     "pml": (
-        "Lower the learning rate, use larger batches with several samples per class "
-        "(MPerClassSampler), and check the loss's temperature or margins; a miner that "
-        "keeps only the hardest pairs makes collapse likelier."
+        LOWER_LR,
+        Remedy("use larger batches with several samples per class (MPerClassSampler)"),
+        Remedy(
+            "check the loss's temperature or margins (a miner that keeps only the hardest "
+            "pairs makes collapse likelier)"
+        ),
     ),
     "sentence_transformers": (
-        "Try BatchSemiHardTripletLoss or BatchHardSoftMarginTripletLoss, or "
-        "MultipleNegativesRankingLoss; lower the learning rate and make batches hold several "
-        "sentences per label (batch_sampler=BatchSamplers.GROUP_BY_LABEL)."
+        Remedy(
+            "use BatchSemiHardTripletLoss, BatchHardSoftMarginTripletLoss or "
+            "MultipleNegativesRankingLoss"
+        ),
+        LOWER_LR,
+        Remedy(
+            "make batches hold several sentences per label "
+            "(batch_sampler=BatchSamplers.GROUP_BY_LABEL)",
+            "group_by_label",
+        ),
     ),
     "siamese": (
-        "Use a semi-hard or random negative selector (SemihardNegativeTripletSelector or "
-        "RandomNegativeTripletSelector) instead of HardestNegativeTripletSelector, lower "
-        "the learning rate, and sample batches with several examples per class."
+        Remedy(
+            "use a semi-hard or random negative selector (SemihardNegativeTripletSelector or "
+            "RandomNegativeTripletSelector) instead of HardestNegativeTripletSelector"
+        ),
+        LOWER_LR,
+        Remedy("sample batches with several examples per class"),
     ),
     "other": (
-        "Lower the learning rate, mine semi-hard instead of the hardest negatives, "
-        "L2-normalise the embeddings, or use larger batches with several samples per class."
+        LOWER_LR,
+        Remedy("mine semi-hard instead of the hardest negatives"),
+        NORMALIZE,
+        SEVERAL_PER_CLASS,
     ),
 }
+
+NORM_ONE_TOLERANCE = 1e-3
+"""Mean embedding norm within this of 1: the embeddings are already L2-normalised."""
+
+
+def collapse_advice(loss_family: str | None, traits: Iterable[str] = ()) -> str:
+    """What to try after a collapse, for a loss of ``adapters.loss_family`` kind, leaving out
+    what the run already does (``traits``, e.g. {"scaled", "normalized"})."""
+    remedies = COLLAPSE_REMEDIES.get(loss_family or "bundled", COLLAPSE_REMEDIES["other"])
+    done = set(traits)
+    items = [r.text for r in remedies if r.unless not in done]
+    sentence = items[0] if len(items) == 1 else f"{', '.join(items[:-1])}, or {items[-1]}"
+    return sentence[0].upper() + sentence[1:] + "."
 
 
 RESCUED, RESCUE_FAILED = "rescued", "rescue_failed"
 ACTION_EVENTS = frozenset({RESCUED, RESCUE_FAILED})
 """Events recorded by an action taken in the training loop (a ``Rescue``), not by the
 detector: replaying a run (``analyze``) keeps them among the detector's, by step."""
-
-
-def collapse_advice(loss_family: str | None) -> str:
-    """What to try after a collapse, for a loss of ``adapters.loss_family`` kind."""
-    return COLLAPSE_ADVICE.get(loss_family or "bundled", COLLAPSE_ADVICE["other"])
 
 
 SUGGESTIONS = {
@@ -179,7 +225,10 @@ class CollapseDetector:
     """
 
     config: DetectorConfig = field(default_factory=DetectorConfig)
-    advice: str = COLLAPSE_ADVICE["bundled"]
+    loss_family: str = "bundled"
+    traits: frozenset[str] = frozenset()
+    advice: str = field(init=False, default="")
+    normalized: bool = field(init=False, default=False)
     plateau_state: str = HEALTHY
     ever_collapsed: bool = False
     peak_distance: float = 0.0
@@ -196,6 +245,9 @@ class CollapseDetector:
     first_step: int | None = None
     start_norm: float = 0.0
     last_step: int | None = None
+
+    def __post_init__(self) -> None:
+        self.advice = collapse_advice(self.loss_family, self.traits)
 
     @property
     def state(self) -> RunState:
@@ -217,6 +269,12 @@ class CollapseDetector:
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"steps must increase: got {step} after {self.last_step}")
         self.last_step = step
+        # Advice leaves out L2-normalising while the embeddings already have norm 1.
+        normalized = abs(_value(row, "embedding_norm_mean") - 1.0) <= NORM_ONE_TOLERANCE
+        if normalized != self.normalized:
+            self.normalized = normalized
+            traits = self.traits | {"normalized"} if normalized else self.traits
+            self.advice = collapse_advice(self.loss_family, traits)
         time = _value(row, "time")
         time = time if math.isfinite(time) else 0.0
         events = self._plateau(step, row)
@@ -513,7 +571,7 @@ def analyze(
     """
     if isinstance(run, str | os.PathLike):
         run = load_run(run)
-    advice = COLLAPSE_ADVICE["bundled"]
+    loss_family, traits = "bundled", frozenset[str]()
     actions: list[Event] = []
     if isinstance(run, Run):
         # What the training loop did about a collapse is not the detector's to replay.
@@ -526,9 +584,10 @@ def analyze(
             recorded = run.metadata.get("detector") or {}
             known = DetectorConfig.__dataclass_fields__
             config = DetectorConfig(**{k: v for k, v in recorded.items() if k in known})
-        advice = collapse_advice(run.metadata.get("loss_family"))
+        loss_family = run.metadata.get("loss_family") or "bundled"
+        traits = frozenset(run.metadata.get("loss_traits") or ())
         run = run.metrics
-    detector = CollapseDetector(config or DetectorConfig(), advice=advice)
+    detector = CollapseDetector(config or DetectorConfig(), loss_family, traits)
     # Stable: at one step the detector's events come before the actions taken on them.
     events = sorted(detector.replay(run) + actions, key=lambda e: e.step)
     return verdict_from_events(events, detector.state, detector.last_step)

@@ -51,11 +51,12 @@ from collapsewatch.adapters import (
     find_labels,
     find_margin,
     loss_family,
+    loss_traits,
     parse_loss_call,
 )
 from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
 from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
-from collapsewatch.detect import CollapseDetector, DetectorConfig, collapse_advice
+from collapsewatch.detect import CollapseDetector, DetectorConfig
 from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
 from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, triplet_statistics
@@ -723,7 +724,8 @@ class Watcher:
             "margin_source": self.margin_spec.source,
             "model_class": type(unwrap_model(self.model)).__name__,
             "loss_class": type(self.loss_fn).__name__,
-            "loss_family": loss_family(self.loss_fn),
+            "loss_family": self.detector.loss_family,
+            "loss_traits": sorted(self.detector.traits),
             "distance": self.distance.distance,
             "world_size": self.world_size,
             "torch_version": torch.__version__,
@@ -1154,7 +1156,9 @@ def watch(
             # A collapse must still span two recorded steps of the detector's window.
             max_every=int(detector_config.window // 2),
         ),
-        detector=CollapseDetector(detector_config, advice=collapse_advice(loss_family(loss_fn))),
+        detector=CollapseDetector(
+            detector_config, loss_family(loss_fn), loss_traits(loss_fn, distance_spec)
+        ),
         config=dict(config or {}),
         sinks=sinks,
     )
@@ -1165,5 +1169,8 @@ def watch(
         try:
             _start_dashboard(Path(logdir), port)
         except Exception as error:  # a convenience: never lose the run to it
-            print(f"collapsewatch: no dashboard ({error}); open one with: collapsewatch dashboard")
+            print(
+                f"collapsewatch: no dashboard ({error}); open one with: collapsewatch dashboard "
+                f"{shlex.quote(str(logdir))}"
+            )
     return watcher

@@ -14,8 +14,11 @@ The fenced blocks are read with markdown-it (the parser rich depends on). Per fi
   until stopped: their ``--help`` is run instead and must list every option the line uses.
   So must ``python benchmarks/...`` scripts' (a benchmark takes minutes). ``make``, ``pip``
   and other programs are not run: those lines are reported as skipped, with the reason.
+  In a ``console`` block the lines after ``$ command`` are its output, checked as above.
 - A ``text`` block of ``collapsewatch ...`` lines is a synopsis: it must name every
   subcommand and, per subcommand, exactly the options its ``--help`` lists.
+- Every ``"watch(): …"`` message quoted in the prose is one that watch() gives in the case
+  it describes (reproduced here with small stand-ins of the classes the docs name).
 - ``<!-- docs-test: skip (REASON) -->`` right before a block skips it with that reason
   (python blocks are still compiled). Only for what truly needs a GPU, a network or a
   server that never returns.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import re
 import shlex
@@ -35,7 +39,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ import pytest
 import torch
 from markdown_it import MarkdownIt
 
+import collapsewatch as cw
 from collapsewatch import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +172,7 @@ def doc_run(request, tmp_path_factory, monkeypatch) -> Iterator[DocRun]:
     """The DocRun of the item's file, the working directory changed into its folder, the
     venv's bin first on PATH (for the ``collapsewatch`` script), nothing online, and one
     torch thread (two threads on a loaded 2-core machine run the examples 5-40× slower)."""
-    block: Block = request.param[0] if isinstance(request.param, tuple) else request.param
+    block: Block = request.param.block if isinstance(request.param, Command) else request.param
     if block.path not in _RUNS:
         workdir = tmp_path_factory.mktemp(block.path.stem)
         _RUNS[block.path] = DocRun(
@@ -198,38 +203,56 @@ def _python_items() -> list[Any]:
     return items
 
 
-def _shell_commands(block: Block) -> list[tuple[int, str]]:
-    """(line, command) per command of a shell block: comments and ``$`` prompts removed,
-    backslash continuations joined; output lines of a console block left out."""
-    commands: list[tuple[int, str]] = []
-    pending = ""
+@dataclass(frozen=True)
+class Command:
+    """One command line of a shell block, and the output a console block shows for it."""
+
+    block: Block
+    line: int
+    words: tuple[str, ...]
+    shown: str  # the lines after a console block's ``$ command``, up to the next prompt
+
+
+def _shell_commands(block: Block) -> list[Command]:
+    """The commands of a shell block: comments and ``$`` prompts removed, backslash
+    continuations joined; in a console block, the lines after a command are its output."""
+    commands: list[Command] = []
+    pending, shown = "", []
     for offset, raw in enumerate(block.source.splitlines(), start=1):
         line = raw.strip()
         if block.language == "console":
             if not line.startswith("$") and not pending:
-                continue  # output shown after a prompt
+                if commands:
+                    shown.append(raw)
+                continue
             line = line.removeprefix("$").strip()
         if not pending and (not line or line.startswith("#")):
             continue
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
-        commands.append((block.line + offset, pending + line))
-        pending = ""
+        if commands:
+            commands[-1] = replace(commands[-1], shown="\n".join(shown))
+        words = tuple(shlex.split(pending + line, comments=True))
+        commands.append(Command(block, block.line + offset, words, ""))
+        pending, shown = "", []
+    if commands:
+        commands[-1] = replace(commands[-1], shown="\n".join(shown))
     return commands
 
 
 def _shell_items() -> list[Any]:
-    items = []
-    for path in DOCS:
-        for block in collect(path):
-            if block.language in SHELL:
-                for line, command in _shell_commands(block):
-                    words = shlex.split(command, comments=True)
-                    text = " ".join(words)
-                    item_id = f"{block.path.relative_to(ROOT)}:{line} {text}"
-                    items.append(pytest.param((block, words), id=item_id, marks=pytest.mark.slow))
-    return items
+    return [
+        pytest.param(
+            command,
+            id=f"{block.path.relative_to(ROOT)}:{command.line} {' '.join(command.words)}",
+            marks=pytest.mark.slow,
+        )
+        for path in DOCS
+        for block in collect(path)
+        if block.language in SHELL
+        for command in _shell_commands(block)
+    ]
 
 
 def _synopsis_items() -> list[Any]:
@@ -307,8 +330,9 @@ def _usage(help_text: str) -> str:
 
 @pytest.mark.parametrize("doc_run", _shell_items(), indirect=True)
 def test_shell_command(doc_run: DocRun, request) -> None:
-    block, words = request.node.callspec.params["doc_run"]
-    where = f"{block.path.relative_to(ROOT)} `{' '.join(words)}`"
+    command: Command = request.node.callspec.params["doc_run"]
+    words = list(command.words)
+    where = f"{command.block.path.relative_to(ROOT)}:{command.line} `{' '.join(words)}`"
     program = words[0]
     if program in NOT_RUN:
         pytest.skip(f"{where}: not run ({NOT_RUN[program]})")
@@ -337,6 +361,11 @@ def test_shell_command(doc_run: DocRun, request) -> None:
     assert result.returncode == 0, (
         f"{where} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     )
+    if command.shown and not matches(command.shown, result.stdout):
+        pytest.fail(
+            f"{where}: the docs show the output\n{command.shown}\nbut it printed\n{result.stdout}",
+            pytrace=False,
+        )
 
 
 def _used_options(words: list[str]) -> set[str]:
@@ -382,3 +411,158 @@ def test_every_code_block_is_collected() -> None:
             known = block.language in PYTHON | SHELL or _is_synopsis(block)
             known = known or (block.language in OUTPUT and follows_python)
             assert known, f"{block.where}: a `{block.language}` block that no test runs"
+
+
+# ---------------------------------------------------------------- quoted warnings
+QUOTED_WARNING = re.compile(r'"(watch\(\): [^"]*)"')
+
+
+def _prose(path: Path) -> str:
+    """A Markdown file's text outside its code blocks, whitespace-normalised."""
+    lines = path.read_text().splitlines()
+    for token in MarkdownIt("commonmark").parse("\n".join(lines)):
+        if token.type == "fence":
+            lines[token.map[0] : token.map[1]] = [""] * (token.map[1] - token.map[0])
+    return normalise(" ".join(lines))
+
+
+def _quote_items() -> list[Any]:
+    return [
+        pytest.param(quote, id=f"{path.relative_to(ROOT)} {quote[:60]}")
+        for path in DOCS
+        for quote in QUOTED_WARNING.findall(_prose(path))
+    ]
+
+
+class TripletLoss(torch.nn.TripletMarginLoss):
+    """Called as (anchor, positive, negative): no labels (as on integrations.md)."""
+
+
+class SoftMarginTripletLoss(torch.nn.Module):
+    """A soft-margin loss without a margin: its plateau is ln 2."""
+
+    soft_margin = True
+
+    def forward(self, embeddings, labels):
+        return torch.nn.functional.softplus(embeddings.pow(2).sum(1)).mean()
+
+
+class NTXentLoss(torch.nn.Module):
+    """A loss without a margin."""
+
+    def forward(self, embeddings, labels):
+        return embeddings.pow(2).mean()
+
+
+class LossOutput:
+    """An output watch() cannot read a loss value from."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class WrappedOutputLoss(torch.nn.Module):
+    margin = 0.2
+
+    def forward(self, embeddings, labels):
+        return LossOutput(embeddings.pow(2).mean())
+
+
+class Net(torch.nn.Module):
+    """A model whose output holds no embeddings watch() can find."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"logits": self.linear(x)}
+
+
+class PixelLoss(torch.nn.Module):
+    """Runs the model itself, on inputs without labels."""
+
+    margin = 0.2
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features):
+        return self.model(features["pixels"]).pow(2).mean()
+
+
+class FeatureLoss(torch.nn.Module):
+    """Given neither embeddings nor anything the model made."""
+
+    margin = 0.2
+
+    def forward(self, features):
+        return features["value"].pow(2).mean()
+
+
+class UnreachableWandbRun:
+    """Stands for a W&B run whose server cannot be reached."""
+
+    __module__ = "wandb.sdk.wandb_run"
+
+    def log(self, *args, **kwargs):
+        raise ConnectionError("wandb server unreachable")
+
+    alert = define_metric = log
+
+
+def _warnings_watch_gives(logdir: Path) -> list[str]:
+    """The messages of the warnings watch() gives in the cases the docs quote."""
+    x, y = torch.randn(12, 8), torch.arange(12) % 3
+    linear, net = torch.nn.Linear(8, 4), Net()
+    bundled, triplet = cw.losses.BatchHardTripletLoss(margin=0.2), TripletLoss()
+    soft, ntxent, wrapped = SoftMarginTripletLoss(), NTXentLoss(), WrappedOutputLoss()
+    pixels, features = PixelLoss(linear), FeatureLoss()
+    cases = [  # (model, loss, one training step's loss, watch options)
+        (linear, triplet, lambda: triplet(*linear(x).chunk(3)), {}),
+        (linear, soft, lambda: soft(linear(x), y), {}),
+        (linear, ntxent, lambda: ntxent(linear(x), y), {}),
+        (linear, wrapped, lambda: wrapped(linear(x), y).value, {}),
+        (net, bundled, lambda: bundled(net(x)["logits"], y), {}),
+        (linear, pixels, lambda: pixels({"pixels": x}), {}),
+        (linear, features, lambda: features({"value": x.requires_grad_()}), {}),
+        (linear, bundled, lambda: bundled(linear(x), y), {"log_to": UnreachableWandbRun()}),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model, loss_fn, step, options in cases:
+            with cw.watch(model, loss_fn, logdir=logdir, every=1, commit_every=1, **options):
+                for _ in range(3):
+                    step().backward()
+    return [str(warning.message) for warning in caught]
+
+
+@pytest.fixture(scope="module")
+def watch_warnings(tmp_path_factory) -> list[str]:
+    return _warnings_watch_gives(tmp_path_factory.mktemp("quoted-warnings"))
+
+
+@pytest.mark.parametrize("quote", _quote_items())
+def test_a_quoted_warning_is_what_watch_says(quote: str, watch_warnings: list[str]) -> None:
+    """Each "watch(): …" message the docs quote is one that watch() gives (… for any text)."""
+    if not any(matches(quote, message) for message in watch_warnings):
+        pytest.fail(
+            f"the docs quote\n  {quote}\nwatch() says, in the quoted cases:\n  "
+            + "\n  ".join(watch_warnings),
+            pytrace=False,
+        )
+
+
+def test_api_md_names_every_key_of_analyze_json(tmp_path) -> None:
+    sentence = _prose(ROOT / "docs" / "api.md").split("`analyze --json` prints one object with")
+    assert len(sentence) == 2, "docs/api.md no longer says what analyze --json prints"
+    documented = re.findall(r"`(\w+)`", sentence[1].split(". Exit")[0])
+    model, loss_fn = torch.nn.Linear(8, 4), cw.losses.BatchHardTripletLoss(margin=0.2)
+    with cw.watch(model, loss_fn, logdir=tmp_path, run="keys") as watcher:
+        for _ in range(3):
+            loss_fn(model(torch.randn(12, 8)), torch.arange(12) % 3).backward()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["analyze", "--json", str(watcher.path)]) == 0
+    assert sorted(documented) == sorted(json.loads(out.getvalue()))

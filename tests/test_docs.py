@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -57,6 +58,20 @@ PYTHON = {"python", "py", "python3"}
 SHELL = {"bash", "console", "sh", "shell"}
 OUTPUT = {"text", "output"}
 SERVERS = {"dashboard", "demo"}  # subcommands that serve until stopped
+# The optional packages doc blocks import (all in the [test] extra), by top-level module:
+# a block needing one that is not installed is skipped, saying what to install.
+OPTIONAL = {
+    "pytorch_metric_learning": "pytorch-metric-learning",
+    "lightning": "lightning",
+    "sentence_transformers": "sentence-transformers[train]",
+    "transformers": "sentence-transformers[train]",
+    "datasets": "sentence-transformers[train]",
+    "optuna": "optuna (collapsewatch[optuna])",
+    "tensorboard": "tensorboard (collapsewatch[tensorboard])",
+    "wandb": "wandb (collapsewatch[wandb])",
+    "mlflow": "mlflow (collapsewatch[mlflow])",
+}
+EXTRAS = {"tensorboard": "tensorboard", "parquet": "pyarrow", "wandb": "wandb", "mlflow": "mlflow"}
 NOT_RUN = {
     "make": "a make target sets up the venv and runs the demo, the suite or the benchmarks",
     "pip": "installs packages",
@@ -121,6 +136,16 @@ def expected_stdout(source: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- per file
+@dataclass(frozen=True)
+class Result:
+    """What a python block did: its output and warnings, and why it failed or was not run."""
+
+    stdout: str = ""
+    warnings: tuple[warnings.WarningMessage, ...] = ()
+    failure: str | None = None
+    not_run: str | None = None  # a skip reason: an optional package missing here
+
+
 @dataclass
 class DocRun:
     """A file's shared namespace and directory, and what its python blocks did so far."""
@@ -129,27 +154,33 @@ class DocRun:
     blocks: list[Block]
     workdir: Path
     namespace: dict[str, Any] = field(default_factory=dict)
-    done: dict[int, tuple[str, list[warnings.WarningMessage], str | None]] = field(
-        default_factory=dict
-    )  # block index -> (stdout, warnings, failure message or None)
+    done: dict[int, Result] = field(default_factory=dict)  # by block index
 
-    def run_python(self, index: int) -> tuple[str, list[warnings.WarningMessage], str | None]:
+    def run_python(self, index: int) -> Result:
         """Run python block ``index`` (and every earlier one first), once; its result."""
+        skipped_before = None
         for earlier in range(index):
-            if self.blocks[earlier].language in PYTHON and earlier not in self.done:
-                self.run_python(earlier)
-            failure = self.done.get(earlier, (None, None, None))[2]
-            if failure is not None:
-                return "", [], f"not run: {self.blocks[earlier].where} failed before it"
+            if self.blocks[earlier].language not in PYTHON:
+                continue
+            result = self.run_python(earlier)
+            where = self.blocks[earlier].where
+            if result.failure is not None:
+                return Result(failure=f"not run: {where} failed before it")
+            if result.not_run is not None:
+                skipped_before = f"{where} was not run ({result.not_run})"
         if index not in self.done:
-            self.done[index] = self._execute(self.blocks[index])
+            result = self._execute(self.blocks[index])
+            if result.failure is not None and skipped_before is not None:
+                # It may need that block's names: a missing package, not a broken doc.
+                result = Result(not_run=f"failed after {skipped_before}")
+            self.done[index] = result
         return self.done[index]
 
-    def _execute(self, block: Block) -> tuple[str, list[warnings.WarningMessage], str | None]:
+    def _execute(self, block: Block) -> Result:
         # Padded so that tracebacks give the Markdown file's own line numbers.
         code = compile("\n" * block.line + block.source, str(block.path), "exec")
         if block.skip:
-            return "", [], None
+            return Result()
         out = io.StringIO()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -159,9 +190,12 @@ class DocRun:
             except BaseException as error:  # a doc block may raise anything
                 if isinstance(error, KeyboardInterrupt):
                     raise
+                missing = getattr(error, "name", None) or ""
+                if isinstance(error, ModuleNotFoundError) and missing.split(".")[0] in OPTIONAL:
+                    return Result(not_run=f"needs {OPTIONAL[missing.split('.')[0]]}")
                 trace = "".join(traceback.format_exception(error)[-12:])
-                return out.getvalue(), list(caught), f"{block.where} raised:\n{trace}"
-        return out.getvalue(), list(caught), None
+                return Result(out.getvalue(), tuple(caught), f"{block.where} raised:\n{trace}")
+        return Result(out.getvalue(), tuple(caught))
 
 
 _RUNS: dict[Path, DocRun] = {}
@@ -282,11 +316,14 @@ def _following_output(run: DocRun, block: Block) -> Block | None:
 def test_python_block(doc_run: DocRun, request) -> None:
     block: Block = request.node.callspec.params["doc_run"]
     index = doc_run.blocks.index(block)
-    stdout, caught, failure = doc_run.run_python(index)
+    result = doc_run.run_python(index)
+    stdout, caught = result.stdout, result.warnings
     if block.skip:
         pytest.skip(f"{block.where}: {block.skip}")
-    if failure is not None:
-        pytest.fail(failure, pytrace=False)
+    if result.not_run is not None:
+        pytest.skip(f"{block.where}: {result.not_run}")
+    if result.failure is not None:
+        pytest.fail(result.failure, pytrace=False)
     expected = expected_stdout(block.source)
     if expected is not None and not matches(expected, stdout):
         pytest.fail(
@@ -345,9 +382,11 @@ def test_shell_command(doc_run: DocRun, request) -> None:
         pytest.skip(f"{where}: not run ({program} is not collapsewatch)")
     for index, other in enumerate(doc_run.blocks):  # the file's python blocks first
         if other.language in PYTHON:
-            failure = doc_run.run_python(index)[2]
-            if failure is not None:
-                pytest.fail(f"{where} not run: {failure}", pytrace=False)
+            result = doc_run.run_python(index)
+            if result.not_run is not None:
+                pytest.skip(f"{where}: {result.not_run}")
+            if result.failure is not None:
+                pytest.fail(f"{where} not run: {result.failure}", pytrace=False)
     executable = shutil.which("collapsewatch")
     assert executable is not None, "no collapsewatch script next to the test's Python"
     if len(words) > 1 and words[1] in SERVERS:
@@ -358,6 +397,9 @@ def test_shell_command(doc_run: DocRun, request) -> None:
         assert not unknown, f"{where}: collapsewatch {words[1]} has no {sorted(unknown)}"
         return
     result = _run([executable, *words[1:]], cwd=doc_run.workdir)
+    extra = re.search(r"pip install 'collapsewatch\[(\w+)\]'", result.stderr)
+    if result.returncode == 2 and extra and importlib.util.find_spec(EXTRAS[extra[1]]) is None:
+        pytest.skip(f"{where}: needs collapsewatch[{extra[1]}]")
     assert result.returncode == 0, (
         f"{where} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     )

@@ -321,9 +321,14 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from collapsewatch.report import write_report
 
-    run = _load(args.run)
-    output = Path(args.output) if args.output else Path(args.run).with_suffix(".html")
-    write_report(run, analyze(run), output)
+    if len(args.runs) > 1 and not args.output:
+        raise CommandError("a report of several runs needs -o FILE.html (where to write it)")
+    runs = [_load(path) for path in args.runs]
+    output = Path(args.output) if args.output else Path(args.runs[0]).with_suffix(".html")
+    try:
+        write_report(runs, [analyze(run) for run in runs], output)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     console.print(f"report written to {escape(str(output.resolve()))}", soft_wrap=True)
     return 0
 
@@ -462,12 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_analyze)
 
-    p = add_command("report", help="a self-contained HTML report of one run")
-    p.add_argument("run", help="a run file (.cwrun)")
+    p = add_command("report", help="a self-contained HTML report of one run, or several compared")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run files (.cwrun)")
     p.add_argument(
         "-o",
         "--output",
-        help="HTML file to write (default: beside the run file, RUN with .html)",
+        help="HTML file to write (default for one run: beside it, RUN with .html)",
     )
     p.set_defaults(handler=cmd_report)
 

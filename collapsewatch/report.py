@@ -1,4 +1,5 @@
-"""``collapsewatch report``: one run as a self-contained HTML page that opens offline.
+"""``collapsewatch report``: one run, or several side by side, as a self-contained HTML page
+that opens offline.
 
 The metric panels and the embedding view are the dashboard's own figures, built through the
 dashboard's data layer, so a report and the live dashboard always draw the same thing.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ table { border-collapse: collapse; width: 100%; } th, td { text-align: left;
 th { font-weight: 600; color: #3e4c59; } td.num { text-align: right;
         font-variant-numeric: tabular-nums; }
 .snapshots { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
+          margin-right: 6px; vertical-align: -1px; }
 pre { background: #f5f7fa; padding: 10px; border-radius: 6px; overflow-x: auto; }
 """
 
@@ -92,6 +96,27 @@ def _verdict_section(verdict: Verdict) -> str:
         parts.append("</ul>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _verdicts_table(
+    runs: Sequence[Run], verdicts: Sequence[Verdict], colours: dict[str, str], ids: list[str]
+) -> str:
+    """One row per run: its colour in the panels, state, headline and first advice."""
+    rows = []
+    for run, verdict, run_id in zip(runs, verdicts, ids, strict=True):
+        state = _state(verdict)
+        advice = next((e.suggestion for e in verdict.events if e.suggestion), "")
+        rows.append(
+            f'<tr class="verdict" data-run="{_e(run.name)}" '
+            f'style="--state:{STATE_COLOURS.get(state, "#616e7c")}">'
+            f"<td><span class='swatch' style='background:{colours[run_id]}'></span>"
+            f"{_e(run.name)}</td><td><span class='badge'>{_e(state)}</span></td>"
+            f"<td>{_e(_headline(verdict))}</td><td>{_e(advice)}</td></tr>"
+        )
+    return (
+        '<section class="card"><table><tr><th>run</th><th>state</th><th>verdict</th>'
+        f"<th>what to try</th></tr>{''.join(rows)}</table></section>"
+    )
 
 
 def _events_table(verdict: Verdict) -> str:
@@ -174,9 +199,12 @@ def _figure_html(figure: dict[str, Any], first: bool, height: int) -> str:
     )
 
 
-def write_report(run: Run, verdict: Verdict, output: str | Path) -> Path:
-    """Write ``run``'s report, with ``verdict`` (from :func:`collapsewatch.analyze`), to
-    ``output`` and return its path."""
+def write_report(
+    runs: Run | Sequence[Run], verdicts: Verdict | Sequence[Verdict], output: str | Path
+) -> Path:
+    """Write the report of one run, or of several runs overlaid in the same panels, with
+    their verdicts (from :func:`collapsewatch.analyze`, one per run) to ``output``; return
+    its path. A report of one run also shows its embedding snapshots and configuration."""
     from collapsewatch.dashboard.data import RunCache, run_id_of
     from collapsewatch.dashboard.figures import (
         embedding_caption,
@@ -186,47 +214,88 @@ def write_report(run: Run, verdict: Verdict, output: str | Path) -> Path:
         run_colours,
     )
 
+    runs = [runs] if isinstance(runs, Run) else list(runs)
+    verdicts = [verdicts] if isinstance(verdicts, Verdict) else list(verdicts)
+    if not runs or len(runs) != len(verdicts):
+        raise ValueError(f"one verdict per run: got {len(runs)} runs, {len(verdicts)} verdicts")
     register_template()
-    cache = RunCache(run.path.parent)
-    run_id = run_id_of(run.path.parent, run.path)
-    view = cache.view(run_id)
-    # The run's colour in the dashboard: by its place among the runs of its directory.
-    colours = run_colours([e.run_id for e in cache.run_list().entries] + [run_id])
-    panels, _ = panels_figure([view], colours, max_points=4000, height=PANELS_HEIGHT)
-    sections = [_figure_html(panels, first=True, height=PANELS_HEIGHT)]
-    snapshots = []
-    for step in _snapshot_steps(view.snapshot_steps, verdict):
-        projection = cache.projection(run_id, step, "pca")
-        snapshots.append(
-            f"<div>{_figure_html(embedding_figure(projection, view.name), False, 420)}"
-            f'<p class="muted">{_e(embedding_caption(projection))}</p></div>'
+    caches = {folder: RunCache(folder) for folder in dict.fromkeys(r.path.parent for r in runs)}
+    run_ids = [run_id_of(run.path.parent, run.path) for run in runs]
+    if len(set(run_ids)) < len(run_ids):
+        raise ValueError("the runs of one report need distinct names (file names)")
+    views = [caches[run.path.parent].view(rid) for run, rid in zip(runs, run_ids, strict=True)]
+    # Each run's colour in the dashboard: by its place among the runs of its directory.
+    listed = [e.run_id for cache in caches.values() for e in cache.run_list().entries]
+    colours = run_colours(listed + run_ids)
+    panels, _ = panels_figure(views, colours, max_points=4000, height=PANELS_HEIGHT)
+    one = len(runs) == 1
+    run, verdict = runs[0], verdicts[0]
+    if one:
+        title, facts = run.name, f"{_run_facts(run)}<br>{_e(run.path)}"
+    else:
+        title = f"{len(runs)} runs compared"
+        facts = " · ".join(_e(r.name) for r in runs)
+    if one:
+        verdict_cards = _verdict_section(verdict)
+        events = f'<section class="card">{_events_table(verdict)}</section>'
+    else:
+        # Many runs: one compact table first, so the panels are not pages down.
+        verdict_cards = _verdicts_table(runs, verdicts, colours, run_ids)
+        events = (
+            "".join(
+                f'<section class="card"><h3>{_e(r.name)}</h3>{_events_table(v)}</section>'
+                for r, v in zip(runs, verdicts, strict=True)
+                if v.events
+            )
+            or '<section class="card"><p class="muted">No run has events.</p></section>'
         )
-    config = json.dumps(run.metadata.get("config", {}), indent=2, sort_keys=True)
+    if one:
+        snapshots = []
+        for step in _snapshot_steps(views[0].snapshot_steps, verdict):
+            projection = caches[run.path.parent].projection(run_ids[0], step, "pca")
+            snapshots.append(
+                f"<div>{_figure_html(embedding_figure(projection, views[0].name), False, 420)}"
+                f'<p class="muted">{_e(embedding_caption(projection))}</p></div>'
+            )
+        embeddings = (
+            '<div class="snapshots">' + "".join(snapshots) + "</div>"
+            if snapshots
+            else '<p class="muted">No embedding snapshots in this run.</p>'
+        )
+        config = json.dumps(run.metadata.get("config", {}), indent=2, sort_keys=True)
+        details = (
+            f'<h2>Embeddings</h2>\n<section class="card">{embeddings}</section>\n'
+            f'<h2>First and last values</h2>\n<section class="card">{_final_table(run)}'
+            f'</section>\n<h2>Configuration</h2>\n<section class="card"><pre>{_e(config)}'
+            "</pre></section>"
+        )
+    else:
+        details = "<h2>Runs</h2>\n" + "".join(
+            f'<section class="card"><h3>{_e(r.name)}</h3><p class="muted">{_run_facts(r)}'
+            f"<br>{_e(r.path)}</p><details><summary>first and last values</summary>"
+            f"{_final_table(r)}</details></section>"
+            for r in runs
+        )
+    metrics = (
+        '<h2>Metrics</h2>\n<section class="card">\n'
+        '<p class="muted">Shaded: steps the detector flagged as collapsed.</p>\n'
+        f"{_figure_html(panels, first=True, height=PANELS_HEIGHT)}</section>"
+    )
+    version = run.metadata.get("collapsewatch_version", "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>collapsewatch report: {_e(run.name)}</title>
+<title>collapsewatch report: {_e(title)}</title>
 <style>{_CSS}</style></head>
 <body><main>
-<h1>{_e(run.name)}</h1>
-<p class="muted">{_run_facts(run)}<br>{_e(run.path)}</p>
-{_verdict_section(verdict)}
+<h1>{_e(title)}</h1>
+<p class="muted">{facts}</p>
+{verdict_cards}
+{metrics if not one else ""}
 <h2>Events</h2>
-<section class="card">{_events_table(verdict)}</section>
-<h2>Metrics</h2>
-<section class="card">
-<p class="muted">Shaded: steps the detector flagged as collapsed.</p>
-{sections[0]}</section>
-<h2>Embeddings</h2>
-<section class="card">{
-        '<div class="snapshots">' + "".join(snapshots) + "</div>"
-        if snapshots
-        else '<p class="muted">No embedding snapshots in this run.</p>'
-    }</section>
-<h2>First and last values</h2>
-<section class="card">{_final_table(run)}</section>
-<h2>Configuration</h2>
-<section class="card"><pre>{_e(config)}</pre></section>
-<p class="muted">Generated by collapsewatch {_e(run.metadata.get("collapsewatch_version", ""))}.
+{events}
+{metrics if one else ""}
+{details}
+<p class="muted">Generated by collapsewatch {_e(version)}.
 </p>
 </main></body></html>
 """

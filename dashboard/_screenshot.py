@@ -309,7 +309,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: write demo runs (unless --logdir is given) and take the screenshot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", type=Path, help="screenshot these runs instead of demo runs")
-    parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("dashboard.png"),
+        help="PNG to write (default: %(default)s)",
+    )
     parser.add_argument("--chromium", default=CHROMIUM)
     args = parser.parse_args(argv)
     if args.logdir is not None:

@@ -9,6 +9,7 @@ import pytest
 import collapsewatch as cw
 from collapsewatch.cli import main
 from collapsewatch.demo import DigitsRun, load_digits_tensors, start_run
+from tests.dashboard.runs import READABILITY_CASES
 
 
 @pytest.fixture(scope="module")
@@ -88,30 +89,38 @@ def test_report_shows_the_class_geometry(runs, tmp_path):
     assert (last == 10).all()
 
 
-REPORT_CASES = ("healthy", "collapsed", "margin-free", "diverged")
-
-
 @pytest.mark.browser
-@pytest.mark.parametrize("case", REPORT_CASES)
+@pytest.mark.parametrize("case", READABILITY_CASES)
 def test_every_report_panel_has_its_band_and_its_data_at_1024_px(tmp_path, page, case, capsys):
-    """A report draws one run: each single-run case, read back from Plotly at 1024 px."""
+    """Each case's runs in one report (a diverged run beside a healthy one, ten runs at
+    once), read back from Plotly at 1024 px."""
     from tests.dashboard.plotly_layout import assert_readable, save_screenshot, wait_for_panels
-    from tests.dashboard.runs import FULL_PANELS, write_case
+    from tests.dashboard.runs import write_case
 
     logdir = tmp_path / "runs"
     logdir.mkdir()
     run_ids, with_data = write_case(logdir, case)
-    run_id = next(r for r in run_ids if r.startswith(case))  # the diverged one, not its peer
-    if case == "diverged":
-        with_data = FULL_PANELS  # one run
     output = tmp_path / f"{case}.html"
-    assert main(["report", str(logdir / run_id), "-o", str(output)]) == 0
+    assert main(["report", *(str(logdir / r) for r in run_ids), "-o", str(output)]) == 0
     capsys.readouterr()
     page.set_viewport_size({"width": 1024, "height": 900})
     render(page, output)
     layout = wait_for_panels(page, ".js-plotly-plot", with_data)
     assert_readable(layout, with_data)
+    legend = page.evaluate(
+        "document.querySelector('.js-plotly-plot')._fullData"
+        ".filter(t => t.showlegend && t.legendrank === 1).map(t => t.name)"
+    )
+    assert sorted(legend) == sorted(r.removesuffix(".cwrun") for r in run_ids)
+    # One verdict per run: a card for one run, a table row naming each of several.
+    verdicts = page.locator(".verdict")
+    assert verdicts.count() == len(run_ids)
+    if len(run_ids) > 1:
+        named = [verdicts.nth(i).get_attribute("data-run") for i in range(verdicts.count())]
+        assert sorted(named) == sorted(legend)
+        for i, name in enumerate(named):
+            assert verdicts.nth(i).locator("td").first.inner_text() == name
     if case == "diverged":
         assert layout["panels"][0]["range"][1] < 2  # the 1e14 loss is a ✱, not the scale
         assert page.locator("td .glyph").count() >= 1
-    save_screenshot(page, f"report-{case}")
+    save_screenshot(page, f"report-{case.replace(' ', '-')}")

@@ -273,7 +273,12 @@ def run_option(entry: RunEntry, colour: str | None, now: float) -> dict[str, Any
             [
                 _stat("loss", format_number(summary.last_loss)),
                 _stat("margin", format_number(summary.margin)),
-                _stat("step", format_number(summary.last_step)),
+                _stat(
+                    "last step",
+                    format_number(summary.last_step),
+                    f"{summary.recorded_steps:,} recorded steps, the last at step "
+                    f"{format_number(summary.last_step)}",
+                ),
                 html.Span(
                     f"{format_age(now - summary.last_time if summary.last_time else None)}"
                     f" · {summary.status}",
@@ -295,8 +300,10 @@ def run_option(entry: RunEntry, colour: str | None, now: float) -> dict[str, Any
     }
 
 
-def _stat(name: str, value: str) -> html.Span:
-    return html.Span([html.Span(name, className="cw-stat-name"), f" {value}"], className="cw-stat")
+def _stat(name: str, value: str, title: str | None = None) -> html.Span:
+    return html.Span(
+        [html.Span(name, className="cw-stat-name"), f" {value}"], className="cw-stat", title=title
+    )
 
 
 def evidence_items(evidence: Mapping[str, Any]) -> list[html.Li]:

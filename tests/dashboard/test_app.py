@@ -65,3 +65,18 @@ def test_importing_collapsewatch_does_not_import_dash() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def test_the_run_list_names_the_last_step_and_counts_the_recorded_ones(tmp_path: Path) -> None:
+    from collapsewatch.dashboard.data import RunCache
+    from collapsewatch.dashboard.layout import run_option
+
+    from tests.dashboard.runs import write_run
+
+    write_run(tmp_path, "sparse", steps=range(0, 600, 6))  # 100 rows, the last at step 594
+    [entry] = RunCache(tmp_path).run_list().entries
+    option = run_option(entry, "#000000", now=0.0)
+    stats = option["label"].children[1].children[:3]
+    last = stats[2]
+    assert last.children[0].children == "last step" and last.children[1] == " 594"
+    assert last.title == "100 recorded steps, the last at step 594"

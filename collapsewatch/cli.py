@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,10 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 def _state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{escape(state)}[/]"
+
+
+def _cannot_write(path: Path, error: OSError) -> str:
+    return f"cannot write {str(path)!r}: {error.strerror or error}"
 
 
 def _step(step: int | None) -> str:
@@ -314,6 +318,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
                 metrics.to_parquet(args.output, index=False)
     except (RunFileError, ImportError) as error:
         raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(_cannot_write(Path(args.output), error)) from None
     console.print(f"{escape(args.run)} exported to {args.to}: {escape(str(args.output))}")
     return 0
 
@@ -326,9 +332,12 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     runs = [_load(path) for path in args.runs]
     output = Path(args.output) if args.output else Path(args.runs[0]).with_suffix(".html")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         write_report(runs, [analyze(run) for run in runs], output)
     except ValueError as error:
         raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(_cannot_write(output, error)) from None
     console.print(f"report written to {escape(str(output.resolve()))}", soft_wrap=True)
     return 0
 
@@ -429,6 +438,25 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
+def _bounded(name: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else a usage error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+PORT = _bounded("a port", 1, 65535)
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's help with each option's default, for options that have a meaningful one
     (not flags, not empty lists)."""
@@ -493,8 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="interface to bind (127.0.0.1: this machine only)",
     )
-    p.add_argument("--port", type=int, default=8050, help="port to serve on")
-    p.add_argument("--interval", type=int, default=2000, help="polling interval in ms")
+    p.add_argument("--port", type=PORT, default=8050, help="port to serve on")
+    p.add_argument(
+        "--interval",
+        type=_bounded("the interval", 100),
+        default=2000,
+        help="polling interval in ms",
+    )
     p.add_argument(
         "--allow-host",
         action="append",
@@ -512,10 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_dashboard)
 
     p = add_command("demo", help="train a collapsing and a healthy run on digits")
-    p.add_argument("--steps", type=int, default=600, help="training steps per run")
+    p.add_argument("--steps", type=_bounded("steps", 1), default=600, help="training steps per run")
     p.add_argument("--logdir", default="runs/demo", help="where the two runs are written")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    p.add_argument("--port", type=int, default=8050, help="dashboard port")
+    p.add_argument("--port", type=PORT, default=8050, help="dashboard port")
     p.add_argument(
         "--no-serve",
         action="store_true",

@@ -31,7 +31,6 @@ from collapsewatch.store import (
     RunFileError,
     RunReader,
     RunSummary,
-    check_run_name,
     list_runs,
 )
 
@@ -51,9 +50,10 @@ class InvalidRunIdError(ValueError):
 def resolve_run_id(logdir: str | Path, run_id: object) -> Path:
     """The run file that ``run_id`` names inside ``logdir``, or raise :class:`InvalidRunIdError`.
 
-    A valid id is a relative POSIX path whose parts are run-name-like (letters, digits,
-    ``._-``, not starting with a dot, so no ``..``), ending in ``.cwrun``, and whose resolved
-    path (symlinks followed) is still inside ``logdir``. The file need not exist.
+    A valid id is a relative POSIX path ending in ``.cwrun`` whose parts are names a folder
+    of runs may have (Hydra's ``lr=0.1,margin=0.2``, spaces, any script) but do not start
+    with a dot (so no ``..`` and no hidden folder) or hold a control character, and whose
+    resolved path (symlinks followed) is still inside ``logdir``. The file need not exist.
     """
     if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_RUN_ID_LENGTH:
         raise InvalidRunIdError(f"invalid run id {_shown(run_id)}")
@@ -62,11 +62,9 @@ def resolve_run_id(logdir: str | Path, run_id: object) -> Path:
     parts = PurePosixPath(run_id).parts
     if not parts[-1].endswith(RUN_SUFFIX):
         raise InvalidRunIdError(f"run id {_shown(run_id)} does not name a {RUN_SUFFIX} file")
-    try:
-        for part in (*parts[:-1], parts[-1][: -len(RUN_SUFFIX)]):
-            check_run_name(part)
-    except ValueError:
-        raise InvalidRunIdError(f"invalid run id {_shown(run_id)}") from None
+    for part in (*parts[:-1], parts[-1][: -len(RUN_SUFFIX)]):
+        if not part or part.startswith(".") or any(c < " " or c == "\x7f" for c in part):
+            raise InvalidRunIdError(f"invalid run id {_shown(run_id)}")
     root = Path(logdir).resolve()
     path = root.joinpath(*parts).resolve()
     # A symlink may still point elsewhere: the resolved file must live under the root.

@@ -175,3 +175,25 @@ def test_every_command_the_demo_prints_works_as_printed(tmp_path) -> None:
         )
         assert ran.returncode == 0, (command, ran.stderr)
         assert "batch-hard" in ran.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dashboard", "{dir}", "--port", "99999"], "a port must be from 1 to 65535, got 99999"),
+        (["dashboard", "{dir}", "--port", "-1"], "a port must be from 1 to 65535, got -1"),
+        (["dashboard", "{dir}", "--interval", "0"], "the interval must be at least 100, got 0"),
+        (["demo", "--steps", "0"], "steps must be at least 1, got 0"),
+        (["demo", "--port", "http"], "a port must be an integer, got 'http'"),
+        (["report", "{run}", "-o", "{file}/r.html"], "cannot write '{file}/r.html'"),
+        (["export", "{run}", "--to", "csv", "{file}/x.csv"], "cannot write '{file}/x.csv'"),
+    ],
+)
+def test_bad_options_and_unwritable_outputs_are_one_line_errors(tmp_path, argv, message) -> None:
+    run = write_run(tmp_path, "run", steps=5)
+    a_file = tmp_path / "a-file"  # a regular file: nothing can be written under it
+    a_file.write_text("")
+    fill = {"dir": str(tmp_path), "run": str(run), "file": str(a_file)}
+    result = _cli(*(part.format(**fill) for part in argv))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message.format(**fill) in result.stderr.strip().splitlines()[-1]

@@ -42,7 +42,18 @@ class FakeClock:
 # -- run ids ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run_id", ["a.cwrun", "sweep/lr-0.1.cwrun", "a/b/c_1.cwrun"])
+@pytest.mark.parametrize(
+    "run_id",
+    [
+        "a.cwrun",
+        "sweep/lr-0.1.cwrun",
+        "a/b/c_1.cwrun",
+        "multirun/lr=0.1,margin=0.2/run.cwrun",  # Hydra's override folders
+        "with space.cwrun",
+        "my runs/day 1/run.cwrun",
+        "expériences/ラン/run.cwrun",
+    ],
+)
 def test_resolve_run_id_accepts_runs_inside_the_logdir(logdir: Path, run_id: str) -> None:
     assert resolve_run_id(logdir, run_id) == (logdir / run_id).resolve()
 
@@ -62,7 +73,8 @@ def test_resolve_run_id_accepts_runs_inside_the_logdir(logdir: Path, run_id: str
         "sub/.git/x.cwrun",
         "a\\..\\b.cwrun",
         "a\x00.cwrun",
-        "with space.cwrun",
+        "tab\tname.cwrun",
+        "sub/new\nline/x.cwrun",
         "",
         ".cwrun",
         "x" * 2000 + ".cwrun",
@@ -371,3 +383,16 @@ def test_the_cache_is_safe_under_concurrent_callbacks(logdir: Path) -> None:
     for steps, n in results:
         assert steps == list(range(n))  # never a duplicated, missing or reordered row
     assert cache.view("live.cwrun").metrics["step"].tolist() == list(range(200))
+
+
+def test_runs_in_hydra_spaced_and_unicode_folders_are_read_not_error_cards(logdir: Path) -> None:
+    folders = ["multirun/lr=0.1,margin=0.2", "my runs/day 1", "expériences/ラン"]
+    for i, folder in enumerate(folders):
+        write_run(logdir / folder, "run", steps=10 + i)
+    cache = RunCache(logdir)
+    entries = cache.run_list().entries
+    assert sorted(e.run_id for e in entries) == sorted(f"{f}/run.cwrun" for f in folders)
+    assert [e.error for e in entries] == [None] * 3
+    for entry in entries:
+        view = cache.view(entry.run_id)
+        assert len(view.metrics) == entry.summary.recorded_steps >= 10

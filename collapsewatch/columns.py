@@ -26,6 +26,8 @@ class Column:
         needs_labels: NaN for loss calls without labels (explicit triplets, unknown calls).
         needs_margin: NaN for margin-free losses.
         rank_step: measured only on rank steps (``rank_every``), NaN in between.
+        probe: measured on the held-out probe batch (``watch(probe=...)``) every
+            ``probe_every`` steps, NaN in between and without a probe.
         bad: the direction in which the value signals collapse ("low": contraction, lost
             rank; "high": the loss on its plateau, non-finite entries), or None.
     """
@@ -36,6 +38,7 @@ class Column:
     needs_labels: bool = False
     needs_margin: bool = False
     rank_step: bool = False
+    probe: bool = False
     bad: Direction | None = None
 
 
@@ -71,6 +74,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("embedding_dim", "dimensions", "d"),
     Column("batch_size", "batch size", "d"),
     Column("num_valid_triplets", "valid triplets", ".0f"),
+    # watch(probe=...): a fixed held-out batch through the model in eval mode, every
+    # probe_every steps (dropout and augmentation off: what the model really does).
+    Column("probe_mean_pairwise_distance", "probe mean pairwise distance", probe=True, bad="low"),
+    Column("probe_embedding_variance", "probe embedding variance", probe=True, bad="low"),
+    Column("probe_std_of_l2_normalized", "probe std of L2-normalised", probe=True, bad="low"),
+    Column("probe_knn_accuracy", "probe kNN accuracy", ".3f", probe=True, bad="low"),
 )
 
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
@@ -88,6 +97,11 @@ needs none)."""
 
 RANK_STEP_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.rank_step)
 """Columns measured on rank steps only, together (one Gram and one class table)."""
+
+
+PROBE_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.probe)
+"""Columns of the held-out probe batch, in the order ``statistics.probe_statistics``
+returns them."""
 
 
 def label(name: str) -> str:

@@ -234,6 +234,10 @@ class CollapseDetector:
     peak_distance: float = 0.0
     peak_distance_step: int | None = None
     peak_variance: float = 0.0
+    # The held-out probe's spread (watch(probe=...)): its latest value, carried between
+    # probe steps, and its peak.
+    probe_distance: float = math.nan
+    peak_probe_distance: float = 0.0
     contracted_since: int | None = None
     suspect_since: int | None = None
     clear_since: int | None = None
@@ -312,9 +316,17 @@ class CollapseDetector:
             return []
         # Without a margin (margin-free losses) the spread is judged against its own peak;
         # without a plateau level or a loss value, a sustained contraction alone is collapse.
-        contracted = distance < c.contraction_peak_fraction * self.peak_distance and not (
-            math.isfinite(margin) and distance >= c.contraction_margin_fraction * margin
+        contracted = self._contracted(distance, self.peak_distance, margin)
+        # The probe sees the model in eval mode: dropout or augmentation can keep the
+        # training batch apart while the model itself maps everything to one point.
+        probe = _value(row, "probe_mean_pairwise_distance")
+        if math.isfinite(probe):
+            self.probe_distance = probe
+            self.peak_probe_distance = max(self.peak_probe_distance, probe)
+        probe_contracted = not contracted and self._contracted(
+            self.probe_distance, self.peak_probe_distance, margin
         )
+        contracted = contracted or probe_contracted
         plateau_known = math.isfinite(ratio)
         suspect = contracted and (abs(ratio - 1.0) <= c.plateau_tolerance or not plateau_known)
         self.contracted_since = _streak(self.contracted_since, contracted, step)
@@ -329,11 +341,18 @@ class CollapseDetector:
             "embedding_variance": variance,
             "peak_embedding_variance": self.peak_variance,
         }
+        if math.isfinite(self.probe_distance):
+            evidence["probe_mean_pairwise_distance"] = self.probe_distance
+            evidence["peak_probe_mean_pairwise_distance"] = self.peak_probe_distance
         state = self.plateau_state
         if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
             spread = (
-                f"the mean pairwise distance fell to {distance:.3g} (peak "
+                f"the held-out probe's mean pairwise distance fell to "
+                f"{self.probe_distance:.3g} (peak {self.peak_probe_distance:.3g}, the training "
+                f"batch's {distance:.3g} with dropout/augmentation on"
+                if probe_contracted
+                else f"the mean pairwise distance fell to {distance:.3g} (peak "
                 f"{self.peak_distance:.3g} at step {self.peak_distance_step}"
             )
             if plateau_known:
@@ -360,9 +379,18 @@ class CollapseDetector:
                 where = " and the loss is at the margin"
             else:
                 where = f" and the loss is off the margin ({ratio:.3f})"
+            which, now, peak = (
+                (
+                    "the held-out probe's mean pairwise distance",
+                    self.probe_distance,
+                    self.peak_probe_distance,
+                )
+                if probe_contracted
+                else ("the mean pairwise distance", distance, self.peak_distance)
+            )
             message = (
-                f"Possible collapse at step {step}: the mean pairwise distance {distance:.3g} "
-                f"is far below its peak {self.peak_distance:.3g}{where}."
+                f"Possible collapse at step {step}: {which} {now:.3g} is far below its peak "
+                f"{peak:.3g}{where}."
             )
             evidence["since_step"] = self.contracted_since
             return [Event(step, "warning", WARNING, message, self.advice, evidence)]
@@ -381,6 +409,13 @@ class CollapseDetector:
             )
             return [Event(step, "cleared", HEALTHY, message, "", evidence)]
         return []
+
+    def _contracted(self, distance: float, peak: float, margin: float) -> bool:
+        """Far below its peak and, where there is a margin, far below the margin too."""
+        c = self.config
+        return distance < c.contraction_peak_fraction * peak and not (
+            math.isfinite(margin) and distance >= c.contraction_margin_fraction * margin
+        )
 
     def _rank(self, step: int, row: Mapping[str, Any]) -> list[Event]:
         c = self.config

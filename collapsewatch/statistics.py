@@ -54,7 +54,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from collapsewatch.columns import MARGIN_RELATIVE, METRIC_COLUMNS, RANK_STEP_COLUMNS
+from collapsewatch.columns import (
+    MARGIN_RELATIVE,
+    METRIC_COLUMNS,
+    PROBE_COLUMNS,
+    RANK_STEP_COLUMNS,
+)
 from collapsewatch.losses.distances import Distance, pairwise_distances
 from collapsewatch.losses.functional import (
     STATISTIC_FIELDS,
@@ -285,6 +290,39 @@ def unlabelled_statistics(embeddings: Tensor, distance: Distance) -> TripletStat
         )
 
 
+def probe_statistics(embeddings: Tensor, labels: Tensor | None, distance: Distance) -> Tensor:
+    """The held-out probe's columns (``columns.PROBE_COLUMNS``, in that order) from its
+    (N, D) embeddings and optional (N,) labels, as a (4,) float64 tensor on their device
+    (no host sync):
+
+    * mean pairwise distance: Σ_{i≠j} d(i, j) / (N(N − 1)) under ``distance``;
+    * embedding variance: (1/D) Σ_d Var_i(z_id), unbiased; 0 if N < 2;
+    * std of L2-normalised: (1/D) Σ_d Std_i(z_id / ‖z_i‖), unbiased;
+    * kNN accuracy: leave-one-out 1-nearest-neighbour accuracy under ``distance`` (ties to
+      the lowest index), NaN without labels.
+
+    The spread is NaN for N < 2, as is the accuracy.
+    """
+    with torch.no_grad():
+        z = embeddings.detach().to(torch.float64)
+        n = z.shape[0]
+        nan = torch.full((), torch.nan, dtype=torch.float64, device=z.device)
+        if n < 2:
+            zero = torch.zeros((), dtype=torch.float64, device=z.device)
+            return torch.stack([nan, zero, zero, nan])
+        d = pairwise_distances(z, distance).to(torch.float64)
+        spread = (d.sum() - d.diagonal().sum()) / (n * (n - 1))
+        variance = z.var(dim=0).mean()
+        unit = torch.nn.functional.normalize(z, dim=1)
+        direction = unit.var(dim=0).clamp_min(0).sqrt().mean()
+        accuracy = nan
+        if labels is not None:
+            d.fill_diagonal_(torch.inf)
+            nearest = d.argmin(dim=1)
+            accuracy = (labels[nearest] == labels).to(torch.float64).mean()
+        return torch.stack([spread, variance, direction, accuracy])
+
+
 def effective_rank(gram: np.ndarray) -> float:
     """RankMe of the embeddings whose Gram matrix ZᵀZ is ``gram`` (D, D), in float64."""
     eigenvalues = np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))
@@ -335,12 +373,15 @@ def derive_metrics(
     plateau: float | None = None,
     world_size: int = 1,
     rank_sums: dict[int, np.ndarray] | None = None,
+    probes: dict[int, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Recorded columns from S step vectors (S, step_vector_size(dim)), summed over ranks.
 
     ``rank_sums`` maps a row index to its rank-step vector (:func:`rank_step_sums`, summed
     over ranks), for the steps that measured the geometry; the other rows get NaN in those
-    columns. ``plateau`` (the loss at zero distances) defaults to the margin.
+    columns. ``probes`` maps a row index to its probe's :func:`probe_statistics` (rank 0's:
+    every rank sees the same probe); NaN in the other rows. ``plateau`` (the loss at zero
+    distances) defaults to the margin.
     Without a margin the columns that depend on it (``MARGIN_RELATIVE``) are NaN. Returns
     one (S,) array per name in ``METRIC_COLUMNS``.
     """
@@ -369,7 +410,12 @@ def derive_metrics(
         values = _geometry(payload, dim, square_sum[row], sums[row], finite_rows[row])
         for name, value in values.items():
             geometry[name][row] = value
+    probe = {name: np.full(len(steps), np.nan) for name in PROBE_COLUMNS}
+    for row, values in (probes or {}).items():
+        for name, value in zip(PROBE_COLUMNS, np.asarray(values, np.float64), strict=True):
+            probe[name][row] = value
     columns = {
+        **probe,
         "step": np.asarray(steps, dtype=np.int64),
         "time": np.asarray(times, dtype=np.float64),
         "loss": loss,

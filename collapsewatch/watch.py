@@ -68,6 +68,7 @@ from collapsewatch.statistics import (
     embedding_sums,
     explicit_triplet_statistics,
     nonfinite_counts,
+    probe_statistics,
     rank_step_sums,
     step_vector_size,
     step_vectors,
@@ -126,6 +127,7 @@ class _Record:
     skipped: Tensor | None = None
     # The spread of embeddings the loss made itself from unreadable arguments (no labels).
     unlabelled: TripletStatistics | None = None
+    probe: Tensor | None = None  # (4,) statistics.probe_statistics, on probe steps
 
 
 EAGER_ELEMENTS = 1 << 18
@@ -163,6 +165,7 @@ class _Batch:
     vectors: Tensor
     grams: dict[int, Tensor]
     snapshots: dict[int, tuple[Tensor, Tensor | None]]
+    probes: dict[int, Tensor]
     loss_calls: int  # loss calls seen when the batch left the training thread
     ready: torch.cuda.Event | None = None
 
@@ -217,6 +220,9 @@ class Watcher:
     sinks: list[Sink] = field(default_factory=list)  # log_to= (see collapsewatch.trackers)
     step: int = 0  # loss calls seen so far: the next step's number
     resume: bool = False
+    probe: Any = None  # watch(probe=...): the model's input for the held-out batch
+    probe_labels: Tensor | None = None
+    probe_every: int = 50
 
     def __post_init__(self) -> None:
         self.rank, self.world_size = _distributed()
@@ -240,6 +246,7 @@ class Watcher:
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
         self._last_snapshot_step: int | None = None
+        self._last_probe_step: int | None = None
         self._dim: int | None = None
         self._warned: set[str] = set()
         self._actions: deque[Event] = deque()
@@ -480,12 +487,42 @@ class Watcher:
         if embeddings.numel() > EAGER_ELEMENTS:
             kept, sums = None, embedding_sums(embeddings)
         record = _Record(step, time.time(), call, kept, sums, gram, snapshot)
+        if (
+            self.rank == 0
+            and self.probe is not None
+            and self._due(step, self._last_probe_step, self.probe_every)
+        ):
+            self._last_probe_step = step
+            record.probe = self._run_probe()
         if call is None:
             record.unlabelled = unlabelled_statistics(embeddings, self.distance.distance)
         if self._skipped is not None:
             record.skipped, self._skipped = self._skipped.to(embeddings.device), None
         self._records.append(record)
         return record
+
+    def _run_probe(self) -> Tensor | None:
+        """The probe batch through the model in eval mode under no_grad (dropout and
+        batch-norm updates off), on the unwrapped module: no DDP hooks, no recompilation."""
+        module = unwrap_model(self.model)
+        training = module.training
+        try:
+            module.eval()
+            with torch.no_grad():
+                embeddings = self.embedding(module(_on_device(self.probe, _device_of(module))))
+                labels = self.probe_labels
+                if labels is not None:
+                    labels = labels.to(embeddings.device)
+                return probe_statistics(embeddings, labels, self.distance.distance)
+        except Exception as error:  # a monitor must not break the training step
+            self._warn_once(
+                "probe",
+                f"watch(): the probe batch cannot be evaluated ({error!r}); the probe_* "
+                "columns stay NaN and the detector judges the training batches alone.",
+            )
+            return None
+        finally:
+            module.train(training)
 
     def _triplet_statistics(
         self, call: LossCall | None, difficulty: bool
@@ -576,6 +613,7 @@ class Watcher:
                 for i, r in enumerate(records)
                 if r.snapshot is not None
             },
+            probes={i: _to_host(r.probe) for i, r in enumerate(records) if r.probe is not None},
             loss_calls=self.step,
         )
         if stacked.device.type == "cuda":
@@ -610,6 +648,7 @@ class Watcher:
             plateau=self.margin_spec.plateau,
             world_size=self.world_size,
             rank_sums={i: g.numpy() for i, g in batch.grams.items()},
+            probes={i: p.numpy() for i, p in batch.probes.items()},
         )
         events: list[Event] = []
         # Rows as plain dicts straight from the arrays: DataFrame.to_dict is many times slower,
@@ -734,6 +773,7 @@ class Watcher:
             "every": self.cadence.every,
             "overhead": self.cadence.overhead,
             "rank_every": self.rank_every,
+            "probe_every": self.probe_every if self.probe is not None else None,
             "detector": dataclasses.asdict(self.detector.config),
             "log_to": [sink.kind for sink in self.sinks],
         }
@@ -935,9 +975,40 @@ def _shutdown() -> None:
     _stop_dashboards()
 
 
+def _on_device(batch: Any, device: torch.device) -> Any:
+    """A model input (a tensor, or a mapping or sequence of them, e.g. tokenizer features)
+    moved to ``device``; anything else as it is."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _on_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_on_device(v, device) for v in batch)
+    return batch
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return torch.device("cpu") if parameter is None else parameter.device
+
+
+def _check_probe(probe: Any, labels: Any, every: Any) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"probe_every must be a positive int, got {every!r}")
+    if labels is None:
+        return
+    if probe is None:
+        raise ValueError("probe_labels needs probe= (the batch they label)")
+    if not (isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point()):
+        raise ValueError(
+            f"probe_labels must be a 1-D integer tensor, got "
+            f"{getattr(labels, 'dtype', type(labels).__name__)} of shape "
+            f"{tuple(getattr(labels, 'shape', ()))}"
+        )
+    if isinstance(probe, Tensor) and probe.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"probe_labels has {labels.shape[0]} labels for a probe of {probe.shape[0]} rows"
+        )
 
 
 def _claim_run_name(path: Path, resume: bool) -> bool:
@@ -998,6 +1069,9 @@ def watch(
     dashboard: bool | int = False,
     log_to: Any = None,
     difficulty_every: Every = "auto",
+    probe: Any = None,
+    probe_labels: Tensor | None = None,
+    probe_every: int = 50,
     overhead: float = 0.03,
 ) -> Watcher:
     """Attach collapse monitoring to ``model`` and ``loss_fn``; returns the :class:`Watcher`.
@@ -1064,6 +1138,16 @@ def watch(
             ``overhead`` of the step time (10 under torch.distributed).
         overhead: the share of the step time watching may take ("auto" intervals), half for
             recording and half for the difficulty counts.
+        probe: a fixed held-out batch, as the model takes it (``model(probe)``; e.g. a
+            (N, …) tensor, or a sentence-transformers features dict): every ``probe_every``
+            steps (at the first recorded step from then) it goes through the model in eval
+            mode under ``no_grad``, and its spread, direction spread and kNN accuracy are
+            recorded as the ``probe_*`` columns; the detector then also judges contraction
+            on it. Use it when dropout or augmentation keep the training batches apart
+            while the model itself has collapsed. Costs one forward pass of N rows.
+        probe_labels: (N,) integer labels of the probe's rows, for ``probe_knn_accuracy``
+            (leave-one-out 1-nearest neighbour).
+        probe_every: the probe's interval in training steps.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1103,6 +1187,7 @@ def watch(
             f"got {on_collapse!r}"
         )
     detector_config = detector or DetectorConfig()
+    _check_probe(probe, probe_labels, probe_every)
     sinks = make_sinks(log_to)
     margin_spec = find_margin(loss_fn, margin)
     if margin_spec.margin is None:
@@ -1161,6 +1246,9 @@ def watch(
         ),
         config=dict(config or {}),
         sinks=sinks,
+        probe=probe,
+        probe_labels=probe_labels,
+        probe_every=probe_every,
     )
     if isinstance(on_collapse, Rescue):
         on_collapse.attach(watcher)

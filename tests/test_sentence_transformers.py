@@ -442,3 +442,29 @@ def test_in_batch_negatives_are_measured_on_what_the_loss_compares(tmp_path, ber
     assert distances.notna().all() and distances.between(0.0, 2.0).all()
     assert (run.metrics["batch_size"] == 64).all()  # both sides of 32 pairs
     assert run.metrics["num_classes"].isna().all()  # no labels: said, not invented
+
+
+def test_a_probe_sees_the_eval_mode_model_through_the_callback(tmp_path, bert_dir, digits):
+    # BERT's dropout (0.1) is on while training; the probe runs the model in eval mode.
+    loss_class, lr = COLLAPSING
+    model = _sentence_model(bert_dir)
+    held_out = digits.select(range(1700, 1764))
+    probe = model.tokenize(held_out["sentence"])
+    callback = CollapseWatchCallback(
+        run="probed",
+        on_collapse="ignore",
+        every=1,
+        probe=probe,
+        probe_labels=torch.tensor(held_out["label"]),
+        probe_every=10,
+    )
+    _train(tmp_path, "st", model, loss_class(model), digits.select(range(1700)), [callback], lr=lr)
+    run = cw.load_run(callback.path)
+    probed = run.metrics.dropna(subset=["probe_mean_pairwise_distance"])
+    assert probed["step"].tolist() == list(range(0, STEPS, 10))
+    # The eval-mode truth the probe recorded: the held-out sentences fell together ...
+    spread = probed["probe_mean_pairwise_distance"]
+    assert spread.iloc[-1] < 0.1 * spread.max()
+    assert probed["probe_knn_accuracy"].iloc[-1] < probed["probe_knn_accuracy"].max()
+    # ... and the verdict says so.
+    assert cw.analyze(run).state == "collapsed"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collapsewatch.columns import METRIC_COLUMNS, healthy_std_of_l2_normalized
+from collapsewatch.columns import METRIC_COLUMNS, PROBE_COLUMNS, healthy_std_of_l2_normalized
 from collapsewatch.losses import functional
 from collapsewatch.statistics import (
     derive_metrics,
@@ -17,6 +17,7 @@ from collapsewatch.statistics import (
     embedding_sums,
     explicit_triplet_statistics,
     nonfinite_counts,
+    probe_statistics,
     rank_step_size,
     rank_step_sums,
     step_vectors,
@@ -91,7 +92,8 @@ def test_every_column_matches_a_direct_computation():
         },
     }
     assert set(m) == set(METRIC_COLUMNS)
-    assert set(direct) == set(METRIC_COLUMNS) - {"step", "time"}
+    assert set(direct) == set(METRIC_COLUMNS) - {"step", "time", *PROBE_COLUMNS}
+    assert all(np.isnan(m[name][0]) for name in PROBE_COLUMNS)  # no probe given
     for name, value in direct.items():
         assert m[name][0] == pytest.approx(value, rel=1e-9, abs=1e-12), name
     assert m["step"].dtype == np.int64 and m["time"][0] == 1.5e9
@@ -331,3 +333,36 @@ def test_triplet_statistics_are_built_by_field_name():
         functional.TripletStatistics.of(**fields, num_harder=torch.tensor(0.0))
     with pytest.raises(ValueError, match=r"must have shape \(11,\)"):
         functional.TripletStatistics(torch.zeros(10))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+def test_probe_statistics_match_a_direct_computation(distance):
+    z, labels = known_batch()
+    got = probe_statistics(z, labels, distance).tolist()
+    n = z.shape[0]
+    z64 = z.double()
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    if distance == "cosine":
+        d = lambda i, j: 1 - F.cosine_similarity(z64[i], z64[j], dim=0).item()  # noqa: E731
+    else:
+        power = 2 if distance == "squared_euclidean" else 1
+        d = lambda i, j: (z64[i] - z64[j]).norm().item() ** power  # noqa: E731
+    spread = sum(d(i, j) for i, j in pairs) / len(pairs)
+    hits = 0
+    for i in range(n):  # leave-one-out 1-NN, ties to the lowest index
+        nearest = min((j for j in range(n) if j != i), key=lambda j: (d(i, j), j))
+        hits += int(labels[nearest] == labels[i])
+    want = [
+        spread,
+        torch.var(z64, dim=0).mean().item(),
+        torch.std(F.normalize(z64, dim=1), dim=0).mean().item(),
+        hits / n,
+    ]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_probe_statistics_of_degenerate_probes_are_defined():
+    one = probe_statistics(torch.ones(1, 4), torch.tensor([0]), "euclidean").tolist()
+    assert np.isnan(one[0]) and one[1:3] == [0.0, 0.0] and np.isnan(one[3])
+    collapsed = probe_statistics(torch.ones(6, 4), None, "euclidean").tolist()
+    assert collapsed[:3] == [0.0, 0.0, 0.0] and np.isnan(collapsed[3])  # no labels

@@ -253,6 +253,12 @@ class CollapseDetector:
     def __post_init__(self) -> None:
         self.advice = collapse_advice(self.loss_family, self.traits)
 
+    def add_traits(self, traits: Iterable[str]) -> None:
+        """Add to what the run already does; the advice leaves it out from now on."""
+        self.traits = self.traits | frozenset(traits)
+        normalized = {"normalized"} if self.normalized else set()
+        self.advice = collapse_advice(self.loss_family, self.traits | normalized)
+
     @property
     def state(self) -> RunState:
         """The run's current state: empty (no step yet), diverged, collapsed, warning or

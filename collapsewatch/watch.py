@@ -678,6 +678,7 @@ class Watcher:
                     "cadence_timing": self.cadence.measured,
                     # What a resumed run numbers its steps from (not the last recorded step).
                     "loss_calls": batch.loss_calls,
+                    "loss_traits": sorted(self.detector.traits),
                 },
             )
         )
@@ -726,6 +727,11 @@ class Watcher:
                     CollapseWarning,
                     stacklevel=_caller_stacklevel(),
                 )
+
+    def add_traits(self, traits: set[str]) -> None:
+        """Tell the advice what the run already does (``detect.Remedy.unless`` names, e.g.
+        "group_by_label" from a trainer's settings); stored with the next commit."""
+        self.detector.add_traits(traits)
 
     def note_event(self, event: Event) -> None:
         """Record ``event`` (made in the training thread) with the next commit."""

@@ -468,3 +468,26 @@ def test_a_probe_sees_the_eval_mode_model_through_the_callback(tmp_path, bert_di
     assert probed["probe_knn_accuracy"].iloc[-1] < probed["probe_knn_accuracy"].max()
     # ... and the verdict says so.
     assert cw.analyze(run).state == "collapsed"
+
+
+def test_a_run_grouping_batches_by_label_is_not_told_to(tmp_path, bert_dir, digits):
+    loss_class, lr = COLLAPSING
+    model = _sentence_model(bert_dir)
+    callback = CollapseWatchCallback(run="grouped", on_collapse="ignore", every=1)
+    _train(
+        tmp_path,
+        "st",
+        model,
+        loss_class(model),
+        digits,
+        [callback],
+        lr=lr,
+        batch_sampler="group_by_label",
+    )
+    run = cw.load_run(callback.path)
+    assert run.metadata["loss_traits"] == ["group_by_label"]
+    live = [e.suggestion for e in run.events.itertuples() if e.kind == "collapsed"]
+    replayed = [e.suggestion for e in cw.analyze(run).events if e.kind == "collapsed"]
+    assert live and live == replayed
+    assert "GROUP_BY_LABEL" not in live[0] and "BatchSemiHardTripletLoss" in live[0]
+    assert "GROUP_BY_LABEL" in cw.detect.collapse_advice("sentence_transformers")

@@ -234,6 +234,9 @@ class CollapseWatchCallback(TrainerCallback):
             options.setdefault("scheduler", kwargs.get("lr_scheduler"))
         self.collapse = None
         self.watcher = watch(model, loss, **options)
+        if str(getattr(args, "batch_sampler", "")).lower().endswith("group_by_label"):
+            # The advice must not tell this run to do what it does.
+            self.watcher.add_traits({"group_by_label"})
 
     def _stop(self, event: Event) -> None:
         if self.collapse is None:

@@ -240,6 +240,9 @@ class CollapseDetector:
     peak_probe_distance: float = 0.0
     contracted_since: int | None = None
     suspect_since: int | None = None
+    # Never separated: the largest spread so far when the run was last seen growing.
+    unseparated_reference: float | None = None
+    unseparated_since: int | None = None
     clear_since: int | None = None
     low_rank_since: int | None = None
     low_rank: bool = False
@@ -332,7 +335,17 @@ class CollapseDetector:
         probe_contracted = not contracted and self._contracted(
             self.probe_distance, self.peak_probe_distance, margin
         )
-        contracted = contracted or probe_contracted
+        # A run that has never separated counts only once that has lasted a window: a
+        # model initialised near zero starts that way and must first have time to grow.
+        self.unseparated_since = _streak(
+            self.unseparated_since, self._never_separated(margin), step
+        )
+        unseparated = (
+            not (contracted or probe_contracted)
+            and self.unseparated_since is not None
+            and step - self.unseparated_since >= c.window
+        )
+        contracted = contracted or probe_contracted or unseparated
         plateau_known = math.isfinite(ratio)
         suspect = contracted and (abs(ratio - 1.0) <= c.plateau_tolerance or not plateau_known)
         self.contracted_since = _streak(self.contracted_since, contracted, step)
@@ -354,7 +367,11 @@ class CollapseDetector:
         if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
             spread = (
-                f"the held-out probe's mean pairwise distance fell to "
+                f"the embeddings have never separated: the mean pairwise distance is "
+                f"{distance:.3g} and was never above {self.peak_distance:.3g} (under "
+                f"{c.contraction_margin_fraction:g} × the margin"
+                if unseparated
+                else f"the held-out probe's mean pairwise distance fell to "
                 f"{self.probe_distance:.3g} (peak {self.peak_probe_distance:.3g}, the training "
                 f"batch's {distance:.3g} with dropout/augmentation on"
                 if probe_contracted
@@ -415,6 +432,24 @@ class CollapseDetector:
             )
             return [Event(step, "cleared", HEALTHY, message, "", evidence)]
         return []
+
+    def _never_separated(self, margin: float) -> bool:
+        """The run has never had a spread to lose: its largest mean pairwise distance is
+        still below ``contraction_margin_fraction`` × the margin, and it is not growing
+        (a doubling of that largest distance restarts the count, so a model initialised
+        near zero that is spreading out is never flagged). Without a margin: False."""
+        if not (math.isfinite(margin) and margin > 0):
+            return False
+        if self.peak_distance >= self.config.contraction_margin_fraction * margin:
+            self.unseparated_reference = None
+            return False
+        if (
+            self.unseparated_reference is None
+            or self.peak_distance > 2 * self.unseparated_reference
+        ):
+            self.unseparated_reference = self.peak_distance
+            return False  # growing: this step breaks the streak
+        return True
 
     def _contracted(self, distance: float, peak: float, margin: float) -> bool:
         """Far below its peak and, where there is a margin, far below the margin too."""

@@ -100,3 +100,18 @@ def random_hard_negative(loss_values):
 
 def RandomNegativeTripletSelector(margin, cpu=False):  # noqa: N802 (the repository's name)
     return FunctionNegativeTripletSelector(margin, random_hard_negative, cpu=cpu)
+
+
+class EmbeddingNet(nn.Module):
+    """The repository's ``EmbeddingNet`` (PReLU layers down to a 2-d embedding, PyTorch's
+    default initialisation), its convolutional body replaced by fully connected layers for
+    8×8 digits. It starts with squared distances ~10⁻³ of a margin of 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(64, 256), nn.PReLU(), nn.Linear(256, 256), nn.PReLU(), nn.Linear(256, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1))

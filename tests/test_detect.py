@@ -232,3 +232,21 @@ def test_the_reference_is_capped_by_the_batch_and_the_dimension():
     assert rank_events(rank_stream([2.0] * 10, 10, batch_size=256)) != []
     assert rank_events(rank_stream([2.4] * 10, 50, dim=4.0)) == []
     assert rank_events(rank_stream([2.0] * 10, 50, dim=4.0)) != []
+
+
+def test_a_run_that_never_separates_is_collapsed_once_it_has_sat_a_window():
+    # siamese-triplet's default net: distances ~3e-4 × the margin from the first step,
+    # the loss within 3e-4 of the margin, for 120 steps.
+    verdict = analyze(stream([1.0003] * 120, [3e-4] * 120, margin=1.0), DetectorConfig(window=20))
+    # Step 0 sets the reference; unseparated from step 1, counted from step 21 (a window),
+    # collapsed a window later.
+    assert kinds(verdict) == [(21, "warning"), (41, "collapsed")]
+    assert "never separated" in verdict.events[1].message
+
+
+def test_a_run_that_starts_unseparated_but_keeps_growing_is_not_flagged():
+    # Doubling every 10 steps (slower than the window) from 3e-4 of the margin until it
+    # has a spread: each doubling restarts the count.
+    distances = [3e-4 * 2 ** (i / 10) for i in range(150)]
+    ratios = [1.0 if d < 0.1 else 0.6 for d in distances]
+    assert analyze(stream(ratios, distances, margin=1.0)).events == ()

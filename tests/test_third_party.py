@@ -23,11 +23,12 @@ import torch
 
 import collapsewatch as cw
 from collapsewatch.cli import main as cli_main
-from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
+from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE, PROBE_COLUMNS
 from collapsewatch.demo import DigitsEmbedder, load_digits_tensors
 from collapsewatch.losses import functional
 from tests import reference
 from tests.siamese_triplet import (
+    EmbeddingNet,
     HardestNegativeTripletSelector,
     OnlineTripletLoss,
     RandomNegativeTripletSelector,
@@ -69,6 +70,10 @@ class Trained:
     @property
     def metrics(self):
         return cw.load_run(self.path).metrics
+
+    @property
+    def metadata(self) -> dict:
+        return cw.load_run(self.path).metadata
 
 
 def train(
@@ -128,6 +133,8 @@ def assert_nan_columns_explained(trained: Trained) -> None:
         "and no labels": set(LABEL_COLUMNS),
     }
     allowed = set().union(*(cols for key, cols in explanations.items() if key in said))
+    if trained.metadata.get("probe_every") is None:
+        allowed |= set(PROBE_COLUMNS)  # no probe given: nothing to explain
     metrics = trained.metrics
     all_nan = {c for c in metrics.columns if len(metrics) and metrics[c].isna().all()}
     assert all_nan <= allowed, (all_nan - allowed, trained.warnings)
@@ -490,3 +497,56 @@ def test_soft_margin_and_angular_margin_losses_say_what_they_lack(tmp_path):
     arcface = losses.ArcFaceLoss(num_classes=10, embedding_size=32)  # margin: an angle
     spec = cw.adapters.find_margin(arcface, None)
     assert spec.margin is None and spec.plateau is None
+
+
+def train_embedding_net(tmp_path: Path, name: str, selector) -> tuple[cw.Verdict, float, float]:
+    """siamese-triplet's defaults (margin 1, EmbeddingNet, SGD) on digits for 120 steps; the
+    verdict and the truth: held-out 5-NN accuracy and mean squared distance in eval mode."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    images, labels = load_digits_tensors()
+    train_x, train_y, test_x, test_y = images[:1400], labels[:1400], images[1400:], labels[1400:]
+    net = EmbeddingNet()
+    loss_fn = OnlineTripletLoss(1.0, selector(1.0))
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+    order = torch.Generator().manual_seed(0)
+    with cw.watch(
+        net,
+        loss_fn,
+        logdir=tmp_path,
+        run=name,
+        every=1,
+        on_collapse="ignore",
+        distance="squared_euclidean",
+    ) as watcher:
+        for _ in range(120):
+            rows = torch.randperm(1400, generator=order)[:128]
+            loss, _ = loss_fn(net(train_x[rows]), train_y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        fitted, held_out = net(train_x).numpy(), net(test_x)
+    knn = KNeighborsClassifier(5).fit(fitted, train_y.numpy()).score(held_out.numpy(), test_y)
+    spread = torch.cdist(held_out, held_out).pow(2).mean().item()
+    return cw.analyze(watcher.path), knn, spread
+
+
+def test_siamese_triplets_default_net_that_never_separates_is_collapsed(tmp_path):
+    verdict, knn, spread = train_embedding_net(tmp_path, "stuck", HardestNegativeTripletSelector)
+    assert knn < 0.4 and spread < 0.01  # the truth: it never separated
+    assert verdict.state == "collapsed"
+    collapse = next(e for e in verdict.events if e.kind == "collapsed")
+    assert "never separated" in collapse.message
+    # Counted once the run has sat unseparated for a window, then confirmed a window later.
+    window = cw.DetectorConfig().window
+    assert verdict.onset_step <= 1 + 2 * window + 5
+
+
+def test_siamese_triplets_default_net_with_random_negatives_is_healthy(tmp_path):
+    verdict, knn, spread = train_embedding_net(tmp_path, "fine", RandomNegativeTripletSelector)
+    assert knn > 0.6 and spread > 1  # the truth: it separated
+    assert verdict.state == "healthy" and verdict.events == ()

@@ -10,6 +10,10 @@ Rules (every threshold is a field of :class:`DetectorConfig`):
   ``contraction_margin_fraction`` × margin **and** below ``contraction_peak_fraction`` × the
   largest mean pairwise distance the run has had so far. The second test keeps a run whose
   embeddings start tiny and grow from being flagged: it has never had a spread to lose.
+* A run that has *never separated* (its largest mean pairwise distance still below
+  ``contraction_margin_fraction`` × margin, not doubling) counts as contracted once that
+  has lasted ``window`` steps; so does a held-out probe's spread (``watch(probe=...)``,
+  eval mode) that has contracted by the same test.
 * A step is on the *plateau* when |loss/margin − 1| ≤ ``plateau_tolerance``.
 * healthy → warning at the first step that is both; warning → collapsed once every step
   has been both for ``window`` steps. A run that stays contracted for ``window`` steps

@@ -35,7 +35,9 @@ DATA = load_digits_tensors()
 
 
 def metric_columns(metrics: pd.DataFrame) -> list[str]:
-    return [c for c in metrics.columns if c not in ("step", "time")]
+    """The columns a tracker receives: those measured at least once (NaN is left out, so
+    the probe columns of a run without a probe send nothing)."""
+    return [c for c in metrics.columns if c not in ("step", "time") and metrics[c].notna().any()]
 
 
 def measured(metrics: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -86,6 +86,17 @@ def parse_loss_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LossCal
 
 SOFT_MARGIN_ATTRIBUTES = ("smooth_loss", "soft_margin")
 MARGIN_ATTRIBUTES = ("margin", "triplet_margin")
+IN_BATCH_NEGATIVES_LOSSES = frozenset(
+    {
+        "MultipleNegativesRankingLoss",
+        "CachedMultipleNegativesRankingLoss",
+        "MultipleNegativesSymmetricRankingLoss",
+        "CachedMultipleNegativesSymmetricRankingLoss",
+    }
+)
+"""sentence-transformers' InfoNCE losses: cross-entropy of each anchor over the in-batch
+candidates, so identical embeddings (equal logits) cost exactly ln(candidates)."""
+
 ANGULAR_MARGIN_LOSSES = frozenset(
     {
         "ArcFaceLoss",
@@ -112,6 +123,29 @@ class MarginSpec:
     margin: float | None
     plateau: float | None
     source: str
+    in_batch: bool = False  # the plateau is ln(in-batch candidates), per call
+    symmetric: bool = False  # ... averaged with the positives' ln(B) over the anchors
+
+    def plateau_of_call(self, args: tuple[Any, ...]) -> float | None:
+        """The loss at zero distances for one call: ln(candidates) for an in-batch-negatives
+        loss called with k feature batches of B rows ((k − 1)·B candidates per anchor: the
+        positives and hard negatives of the batch), else the fixed ``plateau``."""
+        if not self.in_batch:
+            return self.plateau
+        batches = args[0] if args and isinstance(args[0], list | tuple) else ()
+        rows = [_rows(features) for features in batches]
+        if len(rows) < 2 or None in rows or len(set(rows)) != 1:
+            return None
+        anchors = math.log((len(rows) - 1) * rows[0])
+        return (anchors + math.log(rows[0])) / 2 if self.symmetric else anchors
+
+
+def _rows(features: Any) -> int | None:
+    """The batch size of one sentence-transformers feature dict (its first tensor's rows)."""
+    if isinstance(features, Mapping):
+        first = next((v for v in features.values() if isinstance(v, Tensor)), None)
+        return None if first is None or first.dim() == 0 else int(first.shape[0])
+    return None
 
 
 def _number(value: Any) -> float | None:
@@ -144,6 +178,9 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
     """
     soft = is_soft_margin(loss_fn)
     name = type(loss_fn).__name__
+    if margin is None and name in IN_BATCH_NEGATIVES_LOSSES:
+        source = f"{name} (ln of the in-batch candidates)"
+        return MarginSpec(None, None, source, in_batch=True, symmetric="Symmetric" in name)
     if margin is None and name in ANGULAR_MARGIN_LOSSES:
         # Their margin is an angle or a cosine offset on class logits, not a distance.
         return MarginSpec(None, None, "")

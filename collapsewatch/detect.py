@@ -231,6 +231,7 @@ class CollapseDetector:
     config: DetectorConfig = field(default_factory=DetectorConfig)
     loss_family: str = "bundled"
     traits: frozenset[str] = frozenset()
+    distance: str = "euclidean"  # what the spread is measured by (the run's metadata)
     advice: str = field(init=False, default="")
     normalized: bool = field(init=False, default=False)
     plateau_state: str = HEALTHY
@@ -373,7 +374,8 @@ class CollapseDetector:
             spread = (
                 f"the embeddings have never separated: the mean pairwise distance is "
                 f"{distance:.3g} and was never above {self.peak_distance:.3g} (under "
-                f"{c.contraction_margin_fraction:g} × the margin"
+                f"{c.contraction_margin_fraction:g} × "
+                f"{'the margin' if math.isfinite(margin) else '1, the cosine scale'}"
                 if unseparated
                 else f"the held-out probe's mean pairwise distance fell to "
                 f"{self.probe_distance:.3g} (peak {self.peak_probe_distance:.3g}, the training "
@@ -441,10 +443,14 @@ class CollapseDetector:
         """The run has never had a spread to lose: its largest mean pairwise distance is
         still below ``contraction_margin_fraction`` × the margin, and it is not growing
         (a doubling of that largest distance restarts the count, so a model initialised
-        near zero that is spreading out is never flagged). Without a margin: False."""
-        if not (math.isfinite(margin) and margin > 0):
+        near zero that is spreading out is never flagged). Without a margin the scale is 1
+        for the cosine distance and there is no such rule for the others."""
+        # Without a margin, the cosine distance has its own scale: 1 between unrelated
+        # directions (what in-batch-negatives losses start from when training works).
+        scale = margin if math.isfinite(margin) else 1.0 if self.distance == "cosine" else 0.0
+        if not scale > 0:
             return False
-        if self.peak_distance >= self.config.contraction_margin_fraction * margin:
+        if self.peak_distance >= self.config.contraction_margin_fraction * scale:
             self.unseparated_reference = None
             return False
         if (
@@ -651,7 +657,7 @@ def analyze(
     """
     if isinstance(run, str | os.PathLike):
         run = load_run(run)
-    loss_family, traits = "bundled", frozenset[str]()
+    loss_family, traits, distance = "bundled", frozenset[str](), "euclidean"
     actions: list[Event] = []
     if isinstance(run, Run):
         # What the training loop did about a collapse is not the detector's to replay.
@@ -666,8 +672,9 @@ def analyze(
             config = DetectorConfig(**{k: v for k, v in recorded.items() if k in known})
         loss_family = run.metadata.get("loss_family") or "bundled"
         traits = frozenset(run.metadata.get("loss_traits") or ())
+        distance = str(run.metadata.get("distance") or "euclidean")
         run = run.metrics
-    detector = CollapseDetector(config or DetectorConfig(), loss_family, traits)
+    detector = CollapseDetector(config or DetectorConfig(), loss_family, traits, distance=distance)
     # Stable: at one step the detector's events come before the actions taken on them.
     events = sorted(detector.replay(run) + actions, key=lambda e: e.step)
     return verdict_from_events(events, detector.state, detector.last_step)

@@ -370,7 +370,7 @@ def derive_metrics(
     *,
     dim: int,
     margin: float | None,
-    plateau: float | None = None,
+    plateau: float | np.ndarray | None = None,
     world_size: int = 1,
     rank_sums: dict[int, np.ndarray] | None = None,
     probes: dict[int, np.ndarray] | None = None,
@@ -381,7 +381,8 @@ def derive_metrics(
     over ranks), for the steps that measured the geometry; the other rows get NaN in those
     columns. ``probes`` maps a row index to its probe's :func:`probe_statistics` (rank 0's:
     every rank sees the same probe); NaN in the other rows. ``plateau`` (the loss at zero
-    distances) defaults to the margin.
+    distances: a number, or one per row for in-batch-negatives losses) defaults to the
+    margin.
     Without a margin the columns that depend on it (``MARGIN_RELATIVE``) are NaN. Returns
     one (S,) array per name in ``METRIC_COLUMNS``.
     """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import numbers
 import os
 import queue
@@ -128,6 +129,7 @@ class _Record:
     # The spread of embeddings the loss made itself from unreadable arguments (no labels).
     unlabelled: TripletStatistics | None = None
     probe: Tensor | None = None  # (4,) statistics.probe_statistics, on probe steps
+    plateau: float | None = None  # the loss at zero distances for this call (in-batch: ln)
 
 
 EAGER_ELEMENTS = 1 << 18
@@ -166,6 +168,7 @@ class _Batch:
     grams: dict[int, Tensor]
     snapshots: dict[int, tuple[Tensor, Tensor | None]]
     probes: dict[int, Tensor]
+    plateaus: list[float | None]
     loss_calls: int  # loss calls seen when the batch left the training thread
     ready: torch.cuda.Event | None = None
 
@@ -242,6 +245,7 @@ class Watcher:
         # recorded steps is never missed.
         self._skipped: Tensor | None = None
         self._recording = False  # whether the current loss call is a recorded step
+        self._call_plateau: float | None = None  # the recorded call's plateau
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
@@ -336,6 +340,8 @@ class Watcher:
         self._current, self._deferred = None, None
         self._in_loss = True
         self._recording = self.cadence.records(step)
+        if self._recording:
+            self._call_plateau = self.margin_spec.plateau_of_call(args)
         if not self._recording:
             if self._self_reporting:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
@@ -487,6 +493,7 @@ class Watcher:
         if embeddings.numel() > EAGER_ELEMENTS:
             kept, sums = None, embedding_sums(embeddings)
         record = _Record(step, time.time(), call, kept, sums, gram, snapshot)
+        record.plateau = self._call_plateau
         if (
             self.rank == 0
             and self.probe is not None
@@ -614,6 +621,7 @@ class Watcher:
                 if r.snapshot is not None
             },
             probes={i: _to_host(r.probe) for i, r in enumerate(records) if r.probe is not None},
+            plateaus=[r.plateau for r in records],
             loss_calls=self.step,
         )
         if stacked.device.type == "cuda":
@@ -645,7 +653,12 @@ class Watcher:
             batch.vectors.numpy(),
             dim=self._dim,
             margin=self.margin,
-            plateau=self.margin_spec.plateau,
+            # In-batch-negatives losses plateau at ln(candidates), which follows each batch.
+            plateau=(
+                np.array([math.nan if p is None else p for p in batch.plateaus])
+                if self.margin_spec.in_batch
+                else self.margin_spec.plateau
+            ),
             world_size=self.world_size,
             rank_sums={i: g.numpy() for i, g in batch.grams.items()},
             probes={i: p.numpy() for i, p in batch.probes.items()},
@@ -1196,7 +1209,19 @@ def watch(
     _check_probe(probe, probe_labels, probe_every)
     sinks = make_sinks(log_to)
     margin_spec = find_margin(loss_fn, margin)
-    if margin_spec.margin is None:
+    if margin_spec.in_batch:
+        warnings.warn(
+            f"watch(): {type(loss_fn).__name__} compares each anchor with the batch's other "
+            "rows (in-batch negatives) and has no margin: the margin-relative columns "
+            f"({', '.join(MARGIN_RELATIVE)}) are NaN; loss_margin_ratio is the loss over "
+            "ln(in-batch candidates), its value once every embedding is the same, and the "
+            "plateau is checked there; the spread is measured by cosine and judged against "
+            "the run's own peak and, for a run that has never separated, against 1 (the "
+            "cosine distance of unrelated directions).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif margin_spec.margin is None:
         if margin_spec.plateau is None:
             judged = (
                 "the plateau rule and loss_margin_ratio are off (NaN) and collapse is judged "
@@ -1248,7 +1273,10 @@ def watch(
             max_every=int(detector_config.window // 2),
         ),
         detector=CollapseDetector(
-            detector_config, loss_family(loss_fn), loss_traits(loss_fn, distance_spec)
+            detector_config,
+            loss_family(loss_fn),
+            loss_traits(loss_fn, distance_spec),
+            distance=distance_spec.distance,
         ),
         config=dict(config or {}),
         sinks=sinks,

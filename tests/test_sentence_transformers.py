@@ -12,6 +12,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 
@@ -491,3 +492,83 @@ def test_a_run_grouping_batches_by_label_is_not_told_to(tmp_path, bert_dir, digi
     assert live and live == replayed
     assert "GROUP_BY_LABEL" not in live[0] and "BatchSemiHardTripletLoss" in live[0]
     assert "GROUP_BY_LABEL" in cw.detect.collapse_advice("sentence_transformers")
+
+
+def _same_digit_pairs(digits, rows: int = 1500) -> datasets.Dataset:
+    """(anchor, positive) sentences of the same digit: what MNRL learns from."""
+    labels = digits["label"][:rows]
+    by_digit: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_digit.setdefault(label, []).append(i)
+    rng = np.random.default_rng(0)
+    partner = [int(rng.choice(by_digit[label])) for label in labels]
+    sentences = digits["sentence"]
+    return datasets.Dataset.from_dict(
+        {"anchor": sentences[:rows], "positive": [sentences[j] for j in partner]}
+    )
+
+
+@pytest.mark.parametrize(("lr", "expected"), [(0.2, "collapsed"), (5e-3, "healthy")])
+def test_in_batch_negatives_plateau_at_ln_of_the_candidates(
+    tmp_path, bert_dir, digits, lr, expected
+):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    model = _sentence_model(bert_dir)
+    callback = CollapseWatchCallback(run="mnrl", on_collapse="ignore", every=1)
+    with pytest.warns(RuntimeWarning, match=r"over ln\(in-batch candidates\)"):
+        _train(
+            tmp_path,
+            "st",
+            model,
+            losses.MultipleNegativesRankingLoss(model),
+            _same_digit_pairs(digits),
+            [callback],
+            lr=lr,
+        )
+    run = cw.load_run(callback.path)
+    # B pairs (32; 28 in an epoch's last batch): each anchor is scored against B positives,
+    # so ln B is the loss of identical embeddings, the plateau the ratio is taken against.
+    pairs = run.metrics["batch_size"] / 2  # both sides were embedded
+    assert set(pairs) == {32, 1500 % 32}
+    ratio = run.metrics["loss"] / np.log(pairs)
+    assert run.metrics["loss_margin_ratio"].to_numpy() == pytest.approx(ratio.to_numpy())
+    # The truth, from the model in eval mode on held-out sentences.
+    model.eval()
+    embeddings = model.encode(digits["sentence"], convert_to_tensor=True, normalize_embeddings=True)
+    held_out = embeddings[1500:]
+    cosine = (1 - held_out @ held_out.T).mean().item()
+    knn = KNeighborsClassifier(5).fit(embeddings[:1500].numpy(), digits["label"][:1500])
+    accuracy = knn.score(held_out.numpy(), digits["label"][1500:])
+    verdict = cw.analyze(run)
+    assert verdict.state == expected
+    if expected == "collapsed":
+        # kNN on points within 0.01 of one another reads leftovers: well below healthy.
+        assert cosine < 0.01 and accuracy < 0.5
+        assert run.metrics["loss_margin_ratio"].iloc[-1] == pytest.approx(1, abs=0.01)
+        assert verdict.onset_step <= 60
+    else:
+        assert cosine > 0.1 and accuracy > 0.7 and verdict.events == ()
+
+
+def test_the_plateau_of_each_in_batch_negatives_call() -> None:
+    from collapsewatch.adapters import MarginSpec
+
+    def features(rows: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.zeros(rows, 5, dtype=torch.long)}
+
+    ranking = find_margin(
+        losses.MultipleNegativesRankingLoss.__new__(losses.MultipleNegativesRankingLoss), None
+    )
+    assert ranking == MarginSpec(None, None, ranking.source, in_batch=True)
+    pairs, triplets = ([features(32)] * 2,), ([features(32)] * 3,)
+    assert ranking.plateau_of_call(pairs) == pytest.approx(np.log(32))
+    assert ranking.plateau_of_call(triplets) == pytest.approx(np.log(64))  # + hard negatives
+    symmetric = find_margin(
+        losses.MultipleNegativesSymmetricRankingLoss.__new__(
+            losses.MultipleNegativesSymmetricRankingLoss
+        ),
+        None,
+    )
+    assert symmetric.plateau_of_call(triplets) == pytest.approx((np.log(64) + np.log(32)) / 2)
+    assert ranking.plateau_of_call(([features(32), features(31)],)) is None  # ragged

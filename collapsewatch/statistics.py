@@ -23,7 +23,8 @@ hardest_positive_mean  mean over valid anchors of max_p d(a, p)
 hardest_negative_mean  mean over valid anchors of min_n d(a, n)
 embedding_norm_mean    (1/N) Σ_i ‖z_i‖
 std_of_l2_normalized   (1/D) Σ_d Std_i(z_id / ‖z_i‖), unbiased; ≈ 1/√D healthy, 0 collapsed
-effective_rank         RankMe: exp(−Σ_k p_k log p_k), p_k = σ_k / Σσ + 1e-7, σ = √eig(ZᵀZ)
+effective_rank         RankMe of the centred batch: exp(−Σ_k p_k log p_k), p_k = σ_k / Σσ + 1e-7,
+                       σ = √eig(ZᵀZ − N μμᵀ), μ the batch mean
 num_classes            C, distinct labels among the rows (label mod ``CLASS_BUCKETS``)
 within_class_variance_ratio  tr Σ_W / tr Σ_T (NC1): 1 no class structure, → 0 tight classes
 alignment              mean over positive pairs i ≠ j of ‖u_i − u_j‖², u = z/‖z‖
@@ -324,7 +325,8 @@ def probe_statistics(embeddings: Tensor, labels: Tensor | None, distance: Distan
 
 
 def effective_rank(gram: np.ndarray) -> float:
-    """RankMe of the embeddings whose Gram matrix ZᵀZ is ``gram`` (D, D), in float64."""
+    """RankMe of the embeddings whose Gram matrix is ``gram`` (D, D), in float64: ZᵀZ for
+    the uncentred figure, ZᵀZ − N μμᵀ (the centred rows' Gram) for the recorded one."""
     eigenvalues = np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))
     singular = np.sqrt(np.clip(eigenvalues, 0.0, None))
     p = singular / max(singular.sum(), np.finfo(np.float64).tiny) + RANKME_EPSILON
@@ -355,7 +357,13 @@ def _geometry(
         # Rounding can push Σ_W a hair outside [0, Σ_T]; mathematically it is inside.
         ratio = float(np.clip(square_sum - between, 0.0, total) / total)
     return {
-        "effective_rank": effective_rank(rank_sums[: dim * dim].reshape(dim, dim)),
+        # Centred: embeddings that all point roughly one way would read ~1 uncentred,
+        # whatever their spread around that direction. ZᵀZ − SSᵀ/N from the sums, so it
+        # stays exact across DDP ranks.
+        "effective_rank": effective_rank(
+            rank_sums[: dim * dim].reshape(dim, dim)
+            - (np.outer(total_sum, total_sum) / rows if rows > 0 else 0.0)
+        ),
         "num_classes": float(present.sum()) if labelled else math.nan,
         "within_class_variance_ratio": ratio,
         "alignment": aligned / positives if positives > 0 else math.nan,

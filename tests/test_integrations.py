@@ -54,7 +54,7 @@ def test_ddp_statistics_describe_the_global_batch(tmp_path):
     assert run.metadata["world_size"] == 2
     z = [torch.from_numpy(np.load(tmp_path / f"embeddings{r}.npy")) for r in (0, 1)]
     both = torch.cat(z)
-    singular = torch.linalg.svdvals(both)
+    singular = torch.linalg.svdvals(both - both.mean(dim=0))  # the global batch, centred
     p = singular / singular.sum() + 1e-7
     labels = [_rank_batch(r)[1] for r in (0, 1)]
     losses, stats = zip(

@@ -48,8 +48,9 @@ def derive(vectors, dim, *, margin=0.3, world_size=1, rank_sums=None, steps=None
 
 
 def rankme(z: torch.Tensor) -> float:
-    """RankMe straight from its definition, with an SVD."""
-    singular = torch.linalg.svdvals(z.double())
+    """RankMe of the centred batch straight from its definition, with an SVD."""
+    z = z.double()
+    singular = torch.linalg.svdvals(z - z.mean(dim=0))
     p = singular / singular.sum() + 1e-7
     return math.exp(-(p * p.log()).sum().item())
 
@@ -366,3 +367,16 @@ def test_probe_statistics_of_degenerate_probes_are_defined():
     assert np.isnan(one[0]) and one[1:3] == [0.0, 0.0] and np.isnan(one[3])
     collapsed = probe_statistics(torch.ones(6, 4), None, "euclidean").tolist()
     assert collapsed[:3] == [0.0, 0.0, 0.0] and np.isnan(collapsed[3])  # no labels
+
+
+def test_effective_rank_is_that_of_the_centred_batch():
+    # Isotropic rows around a large common offset: uncentred they read as one direction.
+    torch.manual_seed(0)
+    z = 100.0 + torch.randn(256, 8, dtype=torch.float64)
+    sums = rank_step_sums(z, None).numpy()
+    m = derive([step_vectors([None], [None], embedding_sums(z)[None])[0]], dim=8,
+               rank_sums={0: sums})  # fmt: skip
+    uncentred = effective_rank(sums[:64].reshape(8, 8))
+    assert uncentred < 1.5
+    assert m["effective_rank"][0] == pytest.approx(rankme(z), rel=1e-9)
+    assert m["effective_rank"][0] > 7.5

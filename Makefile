@@ -23,7 +23,7 @@ install-runtime: $(RUNTIME_STAMP)
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install \
-		--retries 1 --timeout 10 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		--retries 0 --timeout 10 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
 		"$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e .
 	touch $@
@@ -53,7 +53,6 @@ test: $(STAMP) browser lint
 
 # Two digits runs side by side, the dashboard served while they train (Ctrl-C to stop).
 demo: $(RUNTIME_STAMP)
-	$(WHERE)
 	$(BIN)/collapsewatch demo
 
 bench: $(STAMP)

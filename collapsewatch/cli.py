@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -29,6 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from collapsewatch._version import __version__
+from collapsewatch.command import command_name
 from collapsewatch.detect import Verdict, analyze
 from collapsewatch.states import RunState, display_state
 from collapsewatch.store import Run, RunFileError, RunReader, iter_readable_runs, load_run
@@ -52,19 +52,6 @@ FINAL_COLUMNS = (
 
 class CommandError(Exception):
     """A problem to report in one line with exit status 2."""
-
-
-def command_name() -> str:
-    """How to spell this command so that it works as printed from the current directory:
-    ``collapsewatch`` when that is on PATH and is this program, else its path (e.g.
-    ``.venv/bin/collapsewatch``), else ``python -m collapsewatch``."""
-    program = Path(sys.argv[0])
-    found = shutil.which("collapsewatch")
-    if program.name == "collapsewatch" and program.is_file():
-        if found is not None and Path(found).resolve() == program.resolve():
-            return "collapsewatch"
-        return shlex.quote(os.path.relpath(program) if not program.is_absolute() else str(program))
-    return f"{shlex.quote(sys.executable)} -m collapsewatch"
 
 
 def _check_run_path(path: str) -> None:

@@ -57,6 +57,7 @@ from collapsewatch.adapters import (
 )
 from collapsewatch.cadence import Cadence, Every, check_interval, check_overhead
 from collapsewatch.columns import LABEL_COLUMNS, MARGIN_RELATIVE
+from collapsewatch.command import command_name
 from collapsewatch.detect import CollapseDetector, DetectorConfig
 from collapsewatch.losses.base import ReportsStatistics
 from collapsewatch.losses.distances import Distance
@@ -884,7 +885,7 @@ DASHBOARD_START_TIMEOUT = 180.0  # seconds to wait for the page before saying it
 
 
 def _reopen_command(logdir: Path) -> str:
-    return f"collapsewatch dashboard {shlex.quote(str(logdir))}"
+    return f"{command_name()} dashboard {shlex.quote(str(logdir))}"
 
 
 def _free_port(first: int) -> int | None:
@@ -1292,7 +1293,7 @@ def watch(
             _start_dashboard(Path(logdir), port)
         except Exception as error:  # a convenience: never lose the run to it
             print(
-                f"collapsewatch: no dashboard ({error}); open one with: collapsewatch dashboard "
-                f"{shlex.quote(str(logdir))}"
+                f"collapsewatch: no dashboard ({error}); open one with: "
+                f"{_reopen_command(Path(logdir))}"
             )
     return watcher

@@ -141,14 +141,24 @@ def test_the_existing_run_message_counts_recorded_steps_and_the_last_step(tmp_pa
 
 
 def test_the_command_name_is_spelled_so_it_works_from_here(tmp_path, monkeypatch) -> None:
+    from collapsewatch import command
+
     monkeypatch.chdir(SCRIPT.parent.parent)
     monkeypatch.setattr(sys, "argv", [os.path.join(SCRIPT.parent.name, "collapsewatch")])
     monkeypatch.setenv("PATH", str(tmp_path))  # not on PATH: its path from here
-    assert cli.command_name() == f"{SCRIPT.parent.name}/collapsewatch"
+    assert command.command_name() == f"{SCRIPT.parent.name}/collapsewatch"
     monkeypatch.setenv("PATH", str(SCRIPT.parent))  # on PATH: its name
-    assert cli.command_name() == "collapsewatch"
-    monkeypatch.setattr(sys, "argv", [str(Path(cli.__file__).with_name("__main__.py"))])
-    assert cli.command_name() == f"{shlex.quote(sys.executable)} -m collapsewatch"
+    assert command.command_name() == "collapsewatch"
+    # From a training script (watch(dashboard=...)): this environment's script.
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert command.command_name() == "collapsewatch"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert command.command_name() == f"{SCRIPT.parent.name}/collapsewatch"
+    monkeypatch.chdir(tmp_path)  # far from it: its absolute path
+    assert command.command_name() == str(SCRIPT)
+    # No script installed at all: this interpreter runs the module.
+    monkeypatch.setattr(command.sysconfig, "get_path", lambda name: str(tmp_path))
+    assert command.command_name() == f"{shlex.quote(sys.executable)} -m collapsewatch"
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import collapsewatch as cw
 from collapsewatch.adapters import find_margin
+from collapsewatch.command import command_name
 from collapsewatch.demo import DigitsEmbedder, DigitsRun, load_digits_tensors, start_run
 from collapsewatch.losses import functional
 from tests import reference
@@ -552,7 +553,7 @@ def test_dashboard_option_serves_from_a_child_process(tmp_path, script):
     assert "status 200" in lines
     reopen = (
         "collapsewatch: the dashboard stopped with training; reopen it with:"
-        f" collapsewatch dashboard {tmp_path}"
+        f" {command_name()} dashboard {tmp_path}"
     )
     assert lines.count(reopen) == (script == DASHBOARD_SCRIPT)  # a killed process says nothing
     # The server goes away with the training process, however that ends.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from collapsewatch.command import command_name
 from collapsewatch.watch import _DASHBOARDS, _start_dashboard, _stop_dashboards
 
 watch_module = importlib.import_module("collapsewatch.watch")  # the module, not the function
@@ -50,7 +51,7 @@ def test_a_busy_port_moves_to_the_next_free_one_and_the_url_comes_once_it_answer
     assert dashboard.process.wait(timeout=20) is not None
     assert capfd.readouterr().out == (
         "collapsewatch: the dashboard stopped with training; reopen it with:"
-        f" collapsewatch dashboard {logdir}\n"
+        f" {command_name()} dashboard {logdir}\n"
     )
 
 
@@ -65,7 +66,7 @@ def test_no_free_port_starts_nothing_and_says_how_to_open_it_later(
     assert _DASHBOARDS == {}
     out = capfd.readouterr().out
     assert "no dashboard was started; training goes on" in out
-    assert f"collapsewatch dashboard {logdir} --port PORT" in out
+    assert f"{command_name()} dashboard {logdir} --port PORT" in out
 
 
 def test_a_dashboard_that_dies_at_start_is_reported_not_raised(
@@ -78,4 +79,4 @@ def test_a_dashboard_that_dies_at_start_is_reported_not_raised(
     dashboard.announcer.join(timeout=120)
     out = capfd.readouterr().out
     assert url is not None and "the dashboard stopped before it answered (exit code" in out
-    assert "collapsewatch dashboard " in out and not dashboard.announced.is_set()
+    assert f"{command_name()} dashboard " in out and not dashboard.announced.is_set()

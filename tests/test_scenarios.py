@@ -184,3 +184,37 @@ def test_console_script_is_installed(runs):
         check=True,
     )
     assert json.loads(result.stdout)["state"] == "healthy"
+
+
+@pytest.mark.parametrize("every", [4, 10])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_the_verdict_is_the_same_at_any_recording_interval(runs, name, every):
+    """Windows and confirmations are counted in training steps: the rows a run recorded at
+    every=k would hold (every k-th of the every=1 run) give the same final state, the same
+    sequence of event kinds, and each event within k steps of the every=1 one."""
+    run = cw.load_run(runs[name])
+    full = cw.analyze(run.metrics)
+    sparse = cw.analyze(run.metrics[run.metrics["step"] % every == 0])
+    assert sparse.state == full.state
+    assert [e.kind for e in sparse.events] == [e.kind for e in full.events]
+    for dense_event, sparse_event in zip(full.events, sparse.events, strict=True):
+        assert abs(sparse_event.step - dense_event.step) <= every, (dense_event, sparse_event)
+
+
+@pytest.mark.parametrize("every", [4, "auto"])
+def test_a_run_recorded_sparsely_gets_the_verdict_of_the_dense_one(runs, tmp_path, every):
+    """The same collapsing run trained again, recorded at every=4 and at "auto" (k from
+    this machine's timings): same state, onset within one interval."""
+    spec, _ = SCENARIOS["batch-hard"]
+    trainer = start_run(
+        spec, logdir=tmp_path, run="again", data=load_digits_tensors(), rank_every=25,
+        on_collapse="ignore", every=every,
+    )  # fmt: skip
+    with trainer.watcher:
+        for _ in range(STEPS):
+            trainer.step()
+    sparse = cw.analyze(trainer.watcher.path)
+    dense = cw.analyze(runs["batch-hard"])
+    interval = cw.load_run(trainer.watcher.path).metadata["every"]
+    assert sparse.state == dense.state == "collapsed"
+    assert abs(sparse.onset_step - dense.onset_step) <= interval

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from collapsewatch.detect import reference_rank
+from collapsewatch.detect import RESCUED, reference_rank
 from collapsewatch.states import RunState, display_state
 from collapsewatch.store import (
     RUN_SUFFIX,
@@ -231,13 +231,18 @@ def state_spans(events: pd.DataFrame, states: Iterable[str] = ("collapsed",)) ->
     """Spans of steps in ``states``, from the events' state transitions (events in id order).
 
     A span opens at the event that enters one of ``states`` and closes at the event that
-    leaves them ("recovered", "cleared"); one still open has ``end=None``.
+    leaves them ("recovered", "cleared") or at a ``rescued`` event: the training loop put
+    the run back to a healthy state there, although the detector, still holding its old
+    window, only says "recovered" later. A rescue never opens a span; the next other event
+    in one of ``states`` (a new collapse, a ``rescue_failed``) does. One still open has
+    ``end=None``.
     """
     wanted = set(states)
     spans: list[Span] = []
     start: int | None = None
-    for step, state in zip(events.get("step", []), events.get("state", []), strict=True):
-        inside = state in wanted
+    steps, kinds = events.get("step", []), events.get("kind", [None] * len(events))
+    for step, kind, state in zip(steps, kinds, events.get("state", []), strict=True):
+        inside = state in wanted and kind != RESCUED
         if inside and start is None:
             start = int(step)
         elif not inside and start is not None:

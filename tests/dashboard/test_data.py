@@ -263,6 +263,10 @@ def test_state_spans() -> None:
     assert state_spans(seq) == [Span(10, 20), Span(30, None)]
     assert state_spans(seq, ("warning", "collapsed")) == [Span(5, 20), Span(30, None)]
     assert state_spans(events()) == []
+    # A rescue ends the span at its step and never opens one; a later collapse does.
+    rescued = seq.assign(kind=["warning", "collapsed", "rescued", "collapsed", "x"])
+    rescued["state"] = ["warning", "collapsed", "collapsed", "collapsed", "collapsed"]
+    assert state_spans(rescued) == [Span(10, 20), Span(30, None)]
     assert Span(30, None).stop(99) == 99 and Span(30, 40).stop(99) == 40
 
 

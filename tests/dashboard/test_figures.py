@@ -31,8 +31,8 @@ from collapsewatch.dashboard.figures import (
     run_colours,
 )
 
-from collapsewatch.store import RunWriter
-from tests.dashboard.runs import collapsed_event, metrics_frame, write_run
+from collapsewatch.store import Event, RunWriter
+from tests.dashboard.runs import collapsed_event, metrics_frame, recovered_event, write_run
 
 PANEL = {panel.key: i for i, panel in enumerate(PANELS)}
 
@@ -184,6 +184,42 @@ def test_a_closed_span_is_shaded_between_collapse_and_recovery(logdir: Path) -> 
     shade = figure["data"][trace_map["r.cwrun"]["shade"][0]]
     assert shade["x"] == [30, 30, 50, 50] and shade["y"] == [0, 1, 1, 0]
     assert trace_map["r.cwrun"]["open"] is False
+
+
+def _rescue_event(step: int, kind: str = "rescued") -> Event:
+    # As collapsewatch.rescue records it: the detector's state (still collapsed) at the step.
+    return Event(step, kind, "collapsed", f"{kind} at step {step}", "", {"collapse_step": 40})
+
+
+def test_a_rescued_run_is_shaded_from_the_onset_to_the_rescue_and_marked(logdir: Path) -> None:
+    # The detector says "recovered" only at 75; the rescue restored a healthy state at 50.
+    events = [collapsed_event(40), _rescue_event(50), recovered_event(75)]
+    write_run(logdir, "r", steps=100, collapse_at=40, recover_at=50, events=events)
+    view = RunCache(logdir).view("r.cwrun")
+    figure, trace_map = panels_figure([view], {"r.cwrun": "#000000"}, 2000)
+    shades = [figure["data"][i] for i in trace_map["r.cwrun"]["shade"]]
+    assert len(shades) == len(PANELS)
+    assert all(t["x"] == [40, 40, 50, 50] and t["y"] == [0, 1, 1, 0] for t in shades)
+    assert all(t["fillcolor"] == COLLAPSE_FILL for t in shades)
+    assert trace_map["r.cwrun"]["open"] is False
+    marks = _traces(figure, "r events")[0]
+    assert marks["x"] == [40, 50, 75]
+    assert marks["marker"]["symbol"][1] == EVENT_STYLE["rescued"][0] == "cross"
+    keys = [t["name"] for t in figure["data"] if t.get("showlegend")]
+    assert keys == ["r", "event: collapsed", "event: recovered", "event: rescued"]
+
+
+def test_a_failed_rescue_reopens_the_collapse_span(logdir: Path) -> None:
+    events = [collapsed_event(40), _rescue_event(50), _rescue_event(90, "rescue_failed")]
+    write_run(logdir, "f", steps=100, collapse_at=40, events=events)
+    view = RunCache(logdir).view("f.cwrun")
+    figure, trace_map = panels_figure([view], {"f.cwrun": "#000000"}, 2000)
+    shade = figure["data"][trace_map["f.cwrun"]["shade"][0]]
+    # [40, 50] closed by the rescue, then from the failed rescue on, open to the last step.
+    assert shade["x"] == [40, 40, 50, 50, 90, 90, 99] and shade["y"] == [0, 1, 1, 0, 0, 1, 1]
+    assert trace_map["f.cwrun"]["open"] is True
+    symbols = _traces(figure, "f events")[0]["marker"]["symbol"]
+    assert symbols == ["x", "cross", EVENT_STYLE["rescue_failed"][0]]
 
 
 def test_panels_survive_missing_columns(logdir: Path) -> None:

@@ -13,6 +13,8 @@ graph's ``extendData``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -35,10 +37,12 @@ from .figures import (
 from .layout import (
     ID,
     PANELS_HEIGHT,
+    TABLE_MIN_RUNS,
     banners,
     error_card,
     events_table,
     run_option,
+    run_table,
 )
 
 DEFAULT_SELECTION = 4  # runs plotted when the page first finds some
@@ -59,6 +63,7 @@ class RunListUpdate:
     errors: list
     count: str
     status: str
+    hint: str = ""
 
 
 def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> list[str]:
@@ -87,19 +92,70 @@ def run_list_update(
         value = [s for s in selected if s in present]
     plotted = set(value if value is not None else selected) & present
     colours = run_colours([e.run_id for e in listing.entries])
-    options = [
-        run_option(e, colours[e.run_id] if e.run_id in plotted else None, now)
-        for e in listing.entries
-    ]
+    n = len(listing.entries)
+    options, hint = [], ""
+    if n < TABLE_MIN_RUNS:
+        options = [
+            run_option(e, colours[e.run_id] if e.run_id in plotted else None, now)
+            for e in listing.entries
+        ]
+    else:  # a sweep: the checklist keeps the selection, the run table shows the runs
+        hint = f"{len(plotted):,} of {n:,} runs plotted: tick them in the run table."
     errors = [
         error_card("Cannot read run", e.run_id, e.error or "") for e in listing.entries if e.error
     ]
     if listing.error:
         errors.insert(0, error_card("Cannot read the log directory", None, listing.error))
-    n = len(listing.entries)
     count = f"({n})" if n else "(none yet: waiting for runs to appear)"
     status = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
-    return RunListUpdate(options, value, ready, banners(listing.entries), errors, count, status)
+    return RunListUpdate(
+        options, value, ready, banners(listing.entries), errors, count, status, hint
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Run table (sweeps)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunTableUpdate:
+    columns: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    hidden: bool
+    fingerprint: str
+
+
+def run_table_update(cache: RunCache, fingerprint: str | None) -> RunTableUpdate | None:
+    """The run table for the runs now listed, or None when the browser already shows it
+    (``fingerprint`` is the digest of the last one sent), so an unchanged sweep costs a
+    poll a digest, not 200 rows over the wire. The listing is the run list's, cached."""
+    listing = cache.run_list()
+    columns, rows = run_table(listing.entries)
+    hidden = len(listing.entries) < TABLE_MIN_RUNS
+    text = json.dumps([columns, rows, hidden], sort_keys=True, separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    if digest == fingerprint:
+        return None
+    return RunTableUpdate(columns, rows, hidden, digest)
+
+
+def table_selection_update(
+    from_table: bool, ticked: Any, selected: Any, rows: Any
+) -> tuple[list[str] | None, list[int] | None]:
+    """Keep the table's ticks and the run list's selection (the one source of truth) equal.
+
+    Returns (the run list's new value, the table's new ``selected_rows``), None for
+    "unchanged". Ticks in the table replace the selection; a selection changed elsewhere
+    (the first default one, a vanished run) or new table rows re-tick the table.
+    """
+    ids = [r.get("id") for r in _as_list(rows) if isinstance(r, dict)]
+    current = sorted(s for s in _as_list(selected) if isinstance(s, str))
+    if from_table:
+        value = sorted(t for t in _as_list(ticked) if t in ids)
+        return (None if value == current else value), None
+    wanted = set(current)
+    return None, [i for i, run_id in enumerate(ids) if run_id in wanted]
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,6 +358,7 @@ def register_callbacks(app: dash.Dash, cache: RunCache, max_points: int) -> None
         Output(ID.ERRORS, "children"),
         Output(ID.RUN_COUNT, "children"),
         Output(ID.STATUS, "children"),
+        Output(ID.RUN_HINT, "children"),
         Input(ID.INTERVAL, "n_intervals"),
         Input(ID.RUN_LIST, "value"),
         State(ID.SELECTION_READY, "data"),
@@ -309,7 +366,36 @@ def register_callbacks(app: dash.Dash, cache: RunCache, max_points: int) -> None
     def _run_list(_n: int, selected: list[str] | None, ready: bool) -> tuple:
         u = run_list_update(cache, selected, bool(ready))
         value = _or_no_update(u.value)
-        return u.options, value, u.ready, u.banners, u.errors, u.count, u.status
+        return u.options, value, u.ready, u.banners, u.errors, u.count, u.status, u.hint
+
+    @app.callback(
+        Output(ID.RUN_TABLE, "columns"),
+        Output(ID.RUN_TABLE, "data"),
+        Output(ID.TABLE_SECTION, "hidden"),
+        Output(ID.TABLE_FINGERPRINT, "data"),
+        Input(ID.INTERVAL, "n_intervals"),
+        State(ID.TABLE_FINGERPRINT, "data"),
+    )
+    def _run_table(_n: int, fingerprint: str | None) -> tuple:
+        u = run_table_update(cache, fingerprint)
+        if u is None:
+            return (dash.no_update,) * 4
+        return u.columns, u.rows, u.hidden, u.fingerprint
+
+    # The run list's value stays the one selection; this callback alone writes both ways.
+    # Its inputs are not outputs of a callback that reads the value, so there is no cycle.
+    @app.callback(
+        Output(ID.RUN_LIST, "value", allow_duplicate=True),
+        Output(ID.RUN_TABLE, "selected_rows"),
+        Input(ID.RUN_TABLE, "selected_row_ids"),
+        Input(ID.RUN_LIST, "value"),
+        Input(ID.RUN_TABLE, "data"),
+        prevent_initial_call=True,
+    )
+    def _table_selection(ticked: list | None, selected: list | None, rows: list | None) -> tuple:
+        from_table = f"{ID.RUN_TABLE}.selected_row_ids" in dash.ctx.triggered_prop_ids
+        value, ticks = table_selection_update(from_table, ticked, selected, rows)
+        return _or_no_update(value), _or_no_update(ticks)
 
     @app.callback(
         Output(ID.PANELS, "figure"),

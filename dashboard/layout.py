@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dash import dcc, html
+from dash import dash_table, dcc, html
 
 from collapsewatch.states import RunState
 
@@ -22,6 +24,10 @@ class ID:
     STATUS = "cw-status"
     RUN_LIST = "cw-run-list"
     RUN_COUNT = "cw-run-count"
+    RUN_HINT = "cw-run-hint"
+    TABLE_SECTION = "cw-table-section"
+    RUN_TABLE = "cw-run-table"
+    TABLE_FINGERPRINT = "cw-table-fingerprint"
     SELECTION_READY = "cw-selection-ready"
     BANNERS = "cw-banners"
     ERRORS = "cw-errors"
@@ -48,6 +54,10 @@ STATE_SYMBOLS = {
     "error": "⚠",
 }
 PANELS_HEIGHT = 1080  # six panels of ~120 px each, legend and step axis
+# From this many runs (a sweep) the runs are picked in the table, not the checklist.
+TABLE_MIN_RUNS = 12
+TABLE_PAGE_SIZE = 25
+MAX_FAILED_BANNERS = 6  # beyond that one line counts the rest: the table lists them all
 
 # Evidence keys the detector writes, in reading order, with their display names.
 EVIDENCE_LABELS = {
@@ -63,6 +73,14 @@ EVIDENCE_LABELS = {
     "embedding_dim": "dimensions",
     "nonfinite_count": "non-finite entries",
     "since_step": "since step",
+}
+# Light tints behind a state cell (the text and symbol carry the state; this only helps).
+STATE_TINTS = {
+    "collapsed": "#fbe3d6",
+    "diverged": "#f7e4ef",
+    "warning": "#fdf1d6",
+    "recovered": "#dcebf7",
+    "error": "#e4e7eb",
 }
 STEP_KEYS = frozenset({"peak_step", "since_step", "embedding_dim", "nonfinite_count"})
 
@@ -98,6 +116,7 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
             ),
             html.Div(id=ID.BANNERS, className="cw-banners", role="alert"),
             html.Div(id=ID.ERRORS, className="cw-errors"),
+            _table_section(),
             html.Main(
                 className="cw-main",
                 children=[
@@ -116,6 +135,7 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
                                         labelClassName="cw-run-option",
                                         inputClassName="cw-run-check",
                                     ),
+                                    html.P(id=ID.RUN_HINT, className="cw-muted"),
                                 ],
                             ),
                             _embedding_card(graph_config),
@@ -141,6 +161,62 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
             dcc.Store(id=ID.SELECTION_READY, data=False),
             dcc.Store(id=ID.PANEL_STATE, data=None),
             dcc.Store(id=ID.EMBED_STEPS, data=[]),
+            dcc.Store(id=ID.TABLE_FINGERPRINT, data=None),
+        ],
+    )
+
+
+def _data_table(**props: Any) -> dash_table.DataTable:
+    # Dash 4 warns that DataTable will leave its built-in components some day; it is still
+    # built in and needs no new dependency, which is why it was chosen. Hide that one note.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"\s*The dash_table.DataTable will be removed", DeprecationWarning
+        )
+        return dash_table.DataTable(**props)
+
+
+def _table_section() -> html.Details:
+    """The runs of a sweep as a sortable, filterable table; ticking rows plots the runs.
+
+    Hidden until the log directory holds :data:`TABLE_MIN_RUNS` runs; a ``<details>`` so
+    it can be folded away to give the panels the screen."""
+    return html.Details(
+        id=ID.TABLE_SECTION,
+        className="cw-card cw-table-card",
+        open=True,
+        hidden=True,
+        children=[
+            html.Summary(html.H2("All runs: sort, filter, tick to plot", className="cw-inline")),
+            _data_table(
+                id=ID.RUN_TABLE,
+                columns=[],
+                data=[],
+                sort_action="native",
+                sort_mode="multi",
+                filter_action="native",
+                filter_options={"case": "insensitive"},
+                row_selectable="multi",
+                selected_rows=[],
+                page_action="native",
+                page_size=TABLE_PAGE_SIZE,
+                style_table={"overflowX": "auto"},
+                style_cell={
+                    "fontFamily": "inherit",
+                    "fontSize": "13px",
+                    "padding": "3px 8px",
+                    "textAlign": "left",
+                    "whiteSpace": "nowrap",
+                },
+                style_header={"fontWeight": "600", "background": "#f5f7fa"},
+                style_data_conditional=[
+                    {
+                        "if": {"filter_query": f'{{state}} contains "{state}"'},
+                        "backgroundColor": colour,
+                    }
+                    for state, colour in STATE_TINTS.items()
+                ],
+            ),
         ],
     )
 
@@ -353,13 +429,97 @@ def banner(entry: RunEntry) -> html.Div:
     )
 
 
-def banners(entries: Iterable[RunEntry]) -> list[html.Div]:
+def banners(entries: Iterable[RunEntry], limit: int = MAX_FAILED_BANNERS) -> list[html.Div]:
     """A banner for every diverged or collapsed run, then a smaller one for every run in
-    warning."""
+    warning; in a sweep with more than ``limit`` such runs, the most recently updated
+    ``limit`` get one and a line counts the others (the run table lists them all)."""
     entries = list(entries)
-    failed = [banner(e) for e in entries if e.ui_state in ("diverged", "collapsed")]
-    warned = [banner(e) for e in entries if e.ui_state == "warning"]
-    return failed + warned
+    failed = [e for e in entries if e.ui_state in ("diverged", "collapsed")]
+    warned = [e for e in entries if e.ui_state == "warning"]
+    flagged = failed + warned
+    if len(flagged) <= limit:
+        return [banner(e) for e in flagged]
+    recent = sorted(flagged, key=lambda e: e.summary.last_time or 0, reverse=True)[:limit]
+    shown = [e for e in flagged if e in recent]  # failed first, each group by run id
+    rest = len(flagged) - limit
+    more = html.Div(
+        f"… and {rest:,} more run{'s' if rest > 1 else ''} collapsed, diverged or in warning:"
+        " filter the run table by state to see them all.",
+        className="cw-banner cw-banner-more",
+    )
+    return [*(banner(e) for e in shown), more]
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A run's config as one level, nested keys joined by dots (``{"opt": {"lr": 0.1}}`` →
+    ``{"opt.lr": 0.1}``), every value a JSON-safe scalar a table cell can hold: finite
+    numbers and strings as they are, NaN/±inf and None as None, booleans as "true"/"false",
+    anything else (lists) as its compact JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, bool):
+            flat[name] = "true" if value else "false"
+        elif isinstance(value, int | float):
+            flat[name] = value if math.isfinite(value) else None
+        elif value is None or isinstance(value, str):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)
+    return flat
+
+
+CONFIG_COLUMN_PREFIX = "config."
+# (column id, header, DataTable type) of the columns every run has.
+RUN_TABLE_COLUMNS = (
+    ("state", "state", "text"),
+    ("run", "run", "text"),
+    ("onset_step", "onset step", "numeric"),
+    ("last_step", "last step", "numeric"),
+    ("final_loss_margin_ratio", "final loss / margin", "numeric"),
+    ("final_mean_pairwise_distance", "final mean pairwise distance", "numeric"),
+)
+
+
+def run_table(entries: Sequence[RunEntry]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run table's (columns, rows): one row per run, keyed ``id`` = run id, with state
+    as symbol + word, the onset, last step and final values, then one column per config key
+    (the union over runs, sorted; a run without the key has None there)."""
+    rows, configs = [], []
+    for entry in entries:
+        summary, state = entry.summary, entry.ui_state
+        final = entry.final
+        ratio, distance = final.get("loss_margin_ratio"), final.get("mean_pairwise_distance")
+        row = {
+            "id": entry.run_id,
+            "state": f"{STATE_SYMBOLS.get(state, '?')} {state}",
+            "run": entry.name,
+            "onset_step": entry.onset_step,
+            "last_step": summary.last_step if summary is not None else None,
+            "final_loss_margin_ratio": _cell_number(ratio),
+            "final_mean_pairwise_distance": _cell_number(distance),
+        }
+        config = flatten_config(entry.config)
+        configs.append(config)
+        rows.append(row)
+    keys = sorted({k for config in configs for k in config})
+    for row, config in zip(rows, configs, strict=True):
+        row.update({CONFIG_COLUMN_PREFIX + k: config.get(k) for k in keys})
+    columns = [{"id": i, "name": name, "type": kind} for i, name, kind in RUN_TABLE_COLUMNS]
+    for key in keys:
+        values = [c[key] for c in configs if c.get(key) is not None]
+        kind = "numeric" if all(isinstance(v, int | float) for v in values) else "text"
+        columns.append({"id": CONFIG_COLUMN_PREFIX + key, "name": key, "type": kind})
+    return columns, rows
+
+
+def _cell_number(value: Any) -> float | None:
+    # 4 significant digits: the table is for ranking runs by eye, sorting stays numeric.
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(f"{value:.4g}")
 
 
 def error_card(title: str, run_id: str | None, message: str) -> html.Div:

@@ -14,7 +14,12 @@ Rules (every threshold is a field of :class:`DetectorConfig`):
   ``contraction_margin_fraction`` × margin, not doubling) counts as contracted once that
   has lasted ``window`` steps; so does a held-out probe's spread (``watch(probe=...)``,
   eval mode) that has contracted by the same test.
-* A step is on the *plateau* when |loss/margin − 1| ≤ ``plateau_tolerance``.
+* On the plateau the margin-relative half of the contraction test is waived (a spread far
+  below its own peak is enough); the directions (``std_of_l2_normalized`` far below its
+  peak and 1/√D) count as contracted too.
+* A step is on the *plateau* when |loss/margin − 1| (its own, or the median of the last
+  ``window``/2 steps) is within ``plateau_tolerance``, widened with the ratio's measured
+  noise (``plateau_noise_z``) up to ``plateau_tolerance_max``.
 * healthy → warning at the first step that is both; warning → collapsed once every step
   has been both for ``window`` steps. A run that stays contracted for ``window`` steps
   off the plateau (the scaled loss can fall while the embeddings stay a point) is a
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -162,6 +168,10 @@ class DetectorConfig:
     ``benchmarks/calibrate_detector.py`` on four more data sets; see docs/detector.md."""
 
     plateau_tolerance: float = 0.02
+    # The band widens with the measured noise of loss/margin (z × a robust step-to-step
+    # standard deviation over the last `window` recorded steps), up to this much.
+    plateau_noise_z: float = 4.0
+    plateau_tolerance_max: float = 0.1
     contraction_margin_fraction: float = 0.1
     contraction_peak_fraction: float = 0.1
     window: int = 20
@@ -239,6 +249,9 @@ class CollapseDetector:
     peak_distance: float = 0.0
     peak_distance_step: int | None = None
     peak_variance: float = 0.0
+    peak_direction_spread: float = 0.0  # the largest std_of_l2_normalized so far
+    # (step, loss/plateau) of the last `window` recorded steps: the plateau's level and noise.
+    recent_ratios: deque[tuple[int, float]] = field(default_factory=deque)
     # The held-out probe's spread (watch(probe=...)): its latest value, carried between
     # probe steps, and its peak.
     probe_distance: float = math.nan
@@ -330,7 +343,27 @@ class CollapseDetector:
             return []
         # Without a margin (margin-free losses) the spread is judged against its own peak;
         # without a plateau level or a loss value, a sustained contraction alone is collapse.
+        plateau_known = math.isfinite(ratio)
+        on_plateau = plateau_known and self._on_plateau(step, ratio)
         contracted = self._contracted(distance, self.peak_distance, margin)
+        # On the plateau, a spread far below its own peak is enough: with many classes or
+        # an unnormalised model it can stay above the margin-relative bound long after
+        # the embeddings have lost all structure.
+        if not contracted and on_plateau:
+            contracted = distance < c.contraction_peak_fraction * self.peak_distance
+        # Directions: a loss that L2-normalises inside can collapse every row onto one
+        # direction while the raw norms (and distances) grow.
+        direction = _value(row, "std_of_l2_normalized")
+        dim = _value(row, "embedding_dim")
+        self.peak_direction_spread = max(self.peak_direction_spread, direction)
+        direction_contracted = (
+            not contracted
+            and math.isfinite(direction)
+            and dim >= 1
+            and direction < c.contraction_peak_fraction * self.peak_direction_spread
+            and direction < c.contraction_margin_fraction / math.sqrt(dim)
+        )
+        contracted = contracted or direction_contracted
         # The probe sees the model in eval mode: dropout or augmentation can keep the
         # training batch apart while the model itself maps everything to one point.
         probe = _value(row, "probe_mean_pairwise_distance")
@@ -351,8 +384,7 @@ class CollapseDetector:
             and step - self.unseparated_since >= c.window
         )
         contracted = contracted or probe_contracted or unseparated
-        plateau_known = math.isfinite(ratio)
-        suspect = contracted and (abs(ratio - 1.0) <= c.plateau_tolerance or not plateau_known)
+        suspect = contracted and (on_plateau or not plateau_known)
         self.contracted_since = _streak(self.contracted_since, contracted, step)
         self.suspect_since = _streak(self.suspect_since, suspect, step)
         self.clear_since = _streak(self.clear_since, not contracted, step)
@@ -381,6 +413,10 @@ class CollapseDetector:
                 f"{self.probe_distance:.3g} (peak {self.peak_probe_distance:.3g}, the training "
                 f"batch's {distance:.3g} with dropout/augmentation on"
                 if probe_contracted
+                else f"the directions collapsed: the std of the L2-normalised embeddings fell "
+                f"to {direction:.3g} (peak {self.peak_direction_spread:.3g}, healthy "
+                f"1/√D = {1 / math.sqrt(dim):.3g}; mean pairwise distance {distance:.3g}"
+                if direction_contracted
                 else f"the mean pairwise distance fell to {distance:.3g} (peak "
                 f"{self.peak_distance:.3g} at step {self.peak_distance_step}"
             )
@@ -438,6 +474,26 @@ class CollapseDetector:
             )
             return [Event(step, "cleared", HEALTHY, message, "", evidence)]
         return []
+
+    def _on_plateau(self, step: int, ratio: float) -> bool:
+        """Whether loss/plateau sits at 1: this step's value or the median of its recorded
+        values over the last ``window``/2 steps (a collapsed batch-hard loss wobbles above
+        the margin by the hardest pairs' noise) within a band: the configured tolerance,
+        widened to z × the ratio's noise (1.4826 × the median absolute step-to-step change
+        / √2, a robust standard deviation, over the last ``window`` recorded steps), at
+        most ``plateau_tolerance_max``. Small batches wobble more: their band is wider."""
+        c = self.config
+        self.recent_ratios.append((step, ratio))
+        while len(self.recent_ratios) > max(c.window, 2):
+            self.recent_ratios.popleft()
+        values = np.asarray([r for _, r in self.recent_ratios])
+        band = c.plateau_tolerance
+        if len(values) >= 5:
+            noise = 1.4826 * float(np.median(np.abs(np.diff(values)))) / math.sqrt(2)
+            band = max(band, min(c.plateau_noise_z * noise, c.plateau_tolerance_max))
+        level = float(np.median([r for s, r in self.recent_ratios if s > step - c.window / 2]))
+        # The step itself, or its recent level: a clean drop onto the plateau counts at once.
+        return min(abs(ratio - 1.0), abs(level - 1.0)) <= band
 
     def _never_separated(self, margin: float) -> bool:
         """The run has never had a spread to lose: its largest mean pairwise distance is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -250,3 +251,61 @@ def test_a_run_that_starts_unseparated_but_keeps_growing_is_not_flagged():
     distances = [3e-4 * 2 ** (i / 10) for i in range(150)]
     ratios = [1.0 if d < 0.1 else 0.6 for d in distances]
     assert analyze(stream(ratios, distances, margin=1.0)).events == ()
+
+
+def noisy(center, width, n, seed):
+    rng = np.random.default_rng(seed)
+    return (center + width * (rng.random(n) - 0.5)).tolist()
+
+
+def test_a_spread_far_below_its_peak_on_the_plateau_is_collapse_whatever_the_margin():
+    # 100 classes, unnormalised, margin 1: the spread falls from 32.7 to 0.6 (< 2 % of its
+    # peak, but above 0.1 × margin) by step 175 while the loss sits at 0.97-1.02 × margin.
+    spread = [32.7 * 0.98**i if 32.7 * 0.98**i > 0.6 else 0.6 for i in range(300)]
+    ratios = [1.5] * 40 + noisy(0.995, 0.05, 260, seed=0)
+    verdict = analyze(stream(ratios, spread, margin=1.0))
+    below = next(i for i, d in enumerate(spread) if d < 0.1 * 32.7)  # step 113
+    assert verdict.state == "collapsed"
+    assert below <= verdict.onset_step <= below + 20 + 10  # a window, and a little noise
+
+
+def test_the_plateau_band_follows_the_noise_of_small_batches():
+    # P×K = 4×8 rows: loss/margin wobbles 1.006-1.035 on a collapsed model, breaking a fixed
+    # ±0.02 band again and again; contracted from step 20.
+    distances = [0.5] * 20 + [0.001] * 180
+    for seed in range(6):
+        ratios = [1.8] * 20 + noisy(1.0205, 0.029, 180, seed=seed)
+        verdict = analyze(stream(ratios, distances))
+        # Contracted at 20: confirmed a window later, give or take the noise's first steps.
+        assert verdict.state == "collapsed" and verdict.onset_step <= 20 + 2 * 20
+        fixed = analyze(stream(ratios, distances), DetectorConfig(plateau_tolerance_max=0.02))
+        assert fixed.onset_step is None or fixed.onset_step > verdict.onset_step
+
+
+def test_a_noisy_healthy_loss_off_the_margin_is_never_on_the_plateau():
+    # Batch-all hovering at 0.6-0.96 × margin: the band widens with the noise, but no
+    # further than plateau_tolerance_max, and the spread is healthy anyway.
+    ratios = noisy(0.78, 0.36, 300, seed=2)
+    distances = noisy(1.0, 0.2, 300, seed=3)
+    assert analyze(stream(ratios, distances)).events == ()
+
+
+def test_a_slow_healthy_run_near_the_margin_is_not_flagged():
+    # Loss at 0.9 ± 0.01 of the margin while the spread settles to 30 % of its peak.
+    ratios = noisy(0.9, 0.02, 300, seed=4)
+    distances = [1.0 - 0.7 * min(i / 200, 1) for i in range(300)]
+    assert analyze(stream(ratios, distances)).events == ()
+
+
+def test_directions_that_collapse_while_the_norms_grow_are_collapse():
+    # A loss that normalises inside: the raw norms (and distances) grow while every row
+    # turns to one direction (std of the L2-normalised rows 0.18 → 0.001, D = 32).
+    steps = 200
+    distances = [0.5 * 1.03**i for i in range(steps)]
+    direction = [0.18 if i < 50 else max(0.18 * 0.9 ** (i - 50), 0.001) for i in range(steps)]
+    ratios = [1.4] * 50 + [1.0] * 150
+    verdict = analyze(stream(ratios, distances, std_of_l2_normalized=direction, embedding_dim=32.0))
+    below = next(i for i, v in enumerate(direction) if v < 0.1 / math.sqrt(32))
+    assert verdict.state == "collapsed"
+    assert below <= verdict.onset_step <= below + 20
+    assert "directions collapsed" in verdict.events[-1].message

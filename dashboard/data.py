@@ -140,7 +140,9 @@ class RunEntry:
     summary: RunSummary | None = None
     error: str | None = None
     alert: Alert | None = None  # why the run is in its current warning/collapsed state
-    onset_step: int | None = None  # the first step the detector called it collapsed/diverged
+    # The first step the detector called it collapsed or diverged (if it is not healthy now
+    # or ever collapsed: a divergence since cleared is not looked up).
+    onset_step: int | None = None
     final: dict[str, float | None] = field(default_factory=dict)  # FINAL_COLUMNS at last step
     config: dict[str, Any] = field(default_factory=dict)  # what watch(config=...) was given
 
@@ -320,6 +322,7 @@ class RunCache:
         self._lock = threading.Lock()
         self._listing: RunListing | None = None
         self._listed_at = -math.inf
+        self._listing_lock = threading.Lock()
         # run id -> (file stamp, entry) as of the last listing: see _read_listing.
         self._entries: dict[str, tuple[tuple | None, RunEntry]] = {}
         self._runs: OrderedDict[Path, _Cached] = OrderedDict()
@@ -331,13 +334,15 @@ class RunCache:
     def run_list(self, *, force: bool = False) -> RunListing:
         """Every run file under the log directory with its summary or its error."""
         with self._lock:
-            if (
-                not force
-                and self._listing is not None
-                and self._clock() - self._listed_at < self.list_ttl
-            ):
+            if not force and self._listing_is_fresh():
                 return self._listing
-        listing = self._read_listing()
+        # One listing at a time: the callbacks of a poll arrive together, and on a new
+        # 200-run sweep each reading every file would multiply the first wait by four.
+        with self._listing_lock:
+            with self._lock:
+                if not force and self._listing_is_fresh():
+                    return self._listing
+            listing = self._read_listing()
         with self._lock:
             self._listing, self._listed_at = listing, self._clock()
             # Forget runs whose file went away so the cache does not grow without bound.
@@ -346,6 +351,9 @@ class RunCache:
                 del self._runs[path]
                 self._bases.pop(path, None)
         return listing
+
+    def _listing_is_fresh(self) -> bool:
+        return self._listing is not None and self._clock() - self._listed_at < self.list_ttl
 
     def _read_listing(self) -> RunListing:
         """Every run's entry; a run whose file (and write-ahead log) has the same size and
@@ -509,10 +517,14 @@ def _read_entry(logdir: Path, path: Path, run_id: str) -> RunEntry:
             summary = reader.summary()
             # Events are few; reading them here gives banners their onset and evidence
             # without loading the metrics of a run nobody is plotting.
-            events = reader.events()
-            alert = current_alert(events) if summary.state != "healthy" else None
-            failed = events[events["state"].isin(("collapsed", "diverged"))]
-            onset = int(failed["step"].iloc[0]) if len(failed) else None
+            alert, onset = None, None
+            if summary.state != "healthy" or summary.ever_collapsed:
+                # Reading events costs more than the rest (a DataFrame): a healthy run that
+                # never collapsed, most of a sweep, has no onset or alert to show anyway.
+                events = reader.events()
+                alert = current_alert(events) if summary.state != "healthy" else None
+                failed = events[events["state"].isin(("collapsed", "diverged"))]
+                onset = int(failed["step"].iloc[0]) if len(failed) else None
             final = _final_values(reader, summary)
             config = reader.metadata().get("config")
         return RunEntry(

@@ -57,7 +57,7 @@ PANELS_HEIGHT = 1080  # six panels of ~120 px each, legend and step axis
 # From this many runs (a sweep) the runs are picked in the table, not the checklist.
 TABLE_MIN_RUNS = 12
 TABLE_PAGE_SIZE = 25
-MAX_FAILED_BANNERS = 6  # beyond that one line counts the rest: the table lists them all
+MAX_FAILED_BANNERS = 3  # beyond that one line counts the rest: the table lists them all
 
 # Evidence keys the detector writes, in reading order, with their display names.
 EVIDENCE_LABELS = {

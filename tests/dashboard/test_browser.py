@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import pytest
 from collapsewatch.dashboard.figures import PANELS as PANEL_LIST
 from collapsewatch.dashboard.figures import data_axis
 
+from tests.dashboard.plotly_layout import save_screenshot
 from tests.dashboard.runs import write_broken, write_run
 
 pytestmark = pytest.mark.browser
@@ -190,3 +192,69 @@ def test_the_embedding_slider_shows_the_points_fall_onto_one_spot(
     page.keyboard.press("Home")
     expect(caption).to_contain_text("Step 0 · 60 points")
     page.wait_for_function(f"() => ({spread})() > 0.3")  # healthy: spread over the axes
+
+
+SWEEP_RUNS = 200
+LEGEND_NAMES = (
+    "() => { const gd = document.querySelector('#cw-panels .js-plotly-plot');"
+    " return gd && gd._fullData ? gd._fullData.filter(t => t.showlegend).map(t => t.name)"
+    " : null; }"
+)
+
+
+def _legend_is(page: Any, names: list[str]) -> None:
+    """Wait until the panels' legend (Plotly's own resolved traces) names exactly ``names``."""
+    want = json.dumps(names, separators=(",", ":"))
+    try:
+        page.wait_for_function(f"(want) => JSON.stringify(({LEGEND_NAMES})()) === want", arg=want)
+    except Exception:  # say what the legend held instead of only "timeout"
+        raise AssertionError(f"legend {page.evaluate(LEGEND_NAMES)}, wanted {names}") from None
+
+
+def test_a_200_run_sweep_is_filtered_in_the_table_and_two_ticked_runs_are_plotted(
+    page: Any, logdir: Path, serve_dashboard: Callable[..., str], expect: Any
+) -> None:
+    # Written last to first, so the four newest runs (the page's default selection) are
+    # trial000-003; every 4th run and those four collapse.
+    for i in reversed(range(SWEEP_RUNS)):
+        config = {"lr": [0.01, 0.1, 0.5][i % 3], "loss": {"margin": 0.2, "mining": "hard"}}
+        collapse_at = 20 + i % 30 if i % 4 == 0 or i < 4 else None
+        write_run(
+            logdir,
+            f"trial{i:03d}",
+            steps=60,
+            collapse_at=collapse_at,
+            seed=i,
+            metadata={"config": config},
+        )
+    page.goto(serve_dashboard(logdir))
+    table = page.locator("#cw-run-table")
+    expect(page.locator("#cw-table-section")).to_be_visible()
+    expect(page.locator("#cw-run-count")).to_have_text(f"({SWEEP_RUNS})")
+    expect(table.locator("th.dash-header")).to_contain_text(["state", "run", "onset step"])
+    _legend_is(page, ["trial000", "trial001", "trial002", "trial003", "event: collapsed"])
+    states = table.locator('td[data-dash-column="state"]')
+    expect(states).to_have_count(25)  # one page
+    filter_input = table.locator(
+        'th.dash-filter[data-dash-column="state"] input:not([class*="dash-filter--case"])'
+    )
+    filter_input.fill("collapsed")
+    filter_input.press("Enter")
+    expect(states.first).to_have_text("✖ collapsed")
+    expect(states.filter(has_not_text="✖ collapsed")).to_have_count(0)
+    expect(states).to_have_count(25)  # 54 collapsed runs: the first page of them
+    ticked = table.locator("td.dash-select-cell input:checked")
+    expect(ticked).to_have_count(4)  # the default selection, ticked in the table too
+    while ticked.count():
+        ticked.first.uncheck()
+    _legend_is(page, [])
+    boxes = table.locator("td.dash-select-cell input")
+    runs = table.locator('td[data-dash-column="run"]')
+    picks = [runs.nth(5).inner_text(), runs.nth(7).inner_text()]
+    assert picks == ["trial008", "trial016"]
+    boxes.nth(5).check()
+    boxes.nth(7).check()
+    _legend_is(page, [*picks, "event: collapsed"])
+    expect(ticked).to_have_count(2)
+    page.locator("#cw-table-section").scroll_into_view_if_needed()
+    save_screenshot(page, "run-table")

@@ -166,5 +166,9 @@ def test_a_sweep_lists_its_runs_in_the_table_and_counts_banners_beyond_a_few(
         and update.hint == f"4 of {TABLE_MIN_RUNS} runs plotted: tick them in the run table."
     )
     assert len(update.banners) == MAX_FAILED_BANNERS + 1
-    assert [b.className for b in update.banners[:-1]] == ["cw-banner cw-banner-collapsed"] * 6
-    assert update.banners[-1].children.startswith("… and 3 more runs collapsed")
+    assert [b.className for b in update.banners[:-1]] == [
+        "cw-banner cw-banner-collapsed"
+    ] * MAX_FAILED_BANNERS
+    assert update.banners[-1].children.startswith(
+        f"… and {failed - MAX_FAILED_BANNERS} more runs collapsed"
+    )

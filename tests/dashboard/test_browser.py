@@ -227,7 +227,9 @@ def test_a_200_run_sweep_is_filtered_in_the_table_and_two_ticked_runs_are_plotte
             seed=i,
             metadata={"config": config},
         )
-    page.goto(serve_dashboard(logdir))
+    # Polls 2 s apart: the first listing reads 200 files, and Dash drops an answer that a
+    # newer poll overtakes (see serve_dashboard).
+    page.goto(serve_dashboard(logdir, interval_ms=2000))
     table = page.locator("#cw-run-table")
     expect(page.locator("#cw-table-section")).to_be_visible()
     expect(page.locator("#cw-run-count")).to_have_text(f"({SWEEP_RUNS})")

@@ -174,6 +174,8 @@ class DetectorConfig:
     plateau_tolerance_max: float = 0.1
     contraction_margin_fraction: float = 0.1
     contraction_peak_fraction: float = 0.1
+    # On the plateau, a fall this deep below the peak is enough without the margin's test.
+    contraction_peak_fraction_alone: float = 0.03
     window: int = 20
     recovery_window: int = 20
     rank_class_fraction: float = 0.4
@@ -348,9 +350,10 @@ class CollapseDetector:
         contracted = self._contracted(distance, self.peak_distance, margin)
         # On the plateau, a spread far below its own peak is enough: with many classes or
         # an unnormalised model it can stay above the margin-relative bound long after
-        # the embeddings have lost all structure.
+        # the embeddings have lost all structure. Without the margin's corroboration the
+        # fall must be deeper: healthy small-class runs dip to 0.11-0.15 of their peak.
         if not contracted and on_plateau:
-            contracted = distance < c.contraction_peak_fraction * self.peak_distance
+            contracted = distance < c.contraction_peak_fraction_alone * self.peak_distance
         # Directions: a loss that L2-normalises inside can collapse every row onto one
         # direction while the raw norms (and distances) grow.
         direction = _value(row, "std_of_l2_normalized")

@@ -1,0 +1,397 @@
+"""The detector against an independent truth, across regimes rather than data sets.
+
+Each run trains a small MLP embedder on a scikit-learn data set under ``watch()`` (every=1)
+and, every ``PROBE_EVERY`` steps, measures the truth on a held-out split with its own code
+(never collapsewatch's): the model in eval mode under no_grad, the held-out embeddings'
+mean pairwise distance (under the loss's distance) and 5-NN accuracy (fitted on a training
+split's embeddings). The truth, fixed before any run:
+
+* **collapsed** at a probe step when the held-out spread is below 0.1 × its largest value so
+  far, or the 5-NN accuracy is below chance + 0.25 × (raw-input 5-NN − chance) (a model
+  that never separated anything);
+* the run is **collapsed at its end** if the last three probes are collapsed; the truth
+  **onset** is the first probe of the last unbroken collapsed stretch (or of the first
+  stretch, for a run that recovers);
+* otherwise healthy.
+
+A **false alarm** is a run healthy at its end (by the truth) whose detector state at the end
+is "warning" or "collapsed", or a run never collapsed by the truth with a collapse event; a
+**miss** is a run collapsed at its end that the detector leaves "healthy", or a collapse the
+detector never reports. The onset is **on time** when the detector's first collapse comes
+at most max(50, 10 % of the run) steps after the truth onset and at most 20 before.
+
+    python benchmarks/calibrate_regimes.py                # the Markdown table
+    python benchmarks/calibrate_regimes.py --write-doc    # and put it in docs/detector.md
+    python benchmarks/calibrate_regimes.py --only many-classes --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn import datasets
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import collapsewatch as cw
+from collapsewatch.losses import BatchAllTripletLoss, BatchHardTripletLoss
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "detector.md"
+START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
+PROBE_EVERY = 10
+SPREAD_FRACTION = 0.1
+KNN_SHARE = 0.25
+
+
+class SupervisedInfoNCE(nn.Module):
+    """A margin-free supervised contrastive loss (SupCon-style) with a temperature: each
+    row against every other row of the batch, same-label rows as positives. ``normalize``:
+    it L2-normalises the embeddings itself (the model's output is raw)."""
+
+    def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
+        super().__init__()
+        self.temperature, self.normalize = temperature, normalize
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        z = F.normalize(embeddings, dim=1) if self.normalize else embeddings
+        logits = z @ z.T / self.temperature
+        eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(eye, -torch.inf)
+        positive = (labels[:, None] == labels[None, :]) & ~eye
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        per_row = -(log_prob.masked_fill(~positive, 0).sum(1)) / positive.sum(1).clamp_min(1)
+        return per_row[positive.any(1)].mean()
+
+
+class Embedder(nn.Module):
+    def __init__(self, inputs: int, dim: int, normalize: bool, init_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(inputs, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, dim)
+        )
+        self.normalize = normalize
+        with torch.no_grad():
+            self.body[-1].weight.mul_(init_scale)
+            self.body[-1].bias.mul_(init_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.body(x)
+        return F.normalize(z, dim=1) if self.normalize else z
+
+
+@dataclass
+class Regime:
+    """One kind of run: the data, the model, the loss and the schedule of the lr."""
+
+    name: str
+    what: str
+    expect: str  # what the regime is built to do: "collapse", "healthy", "recover"
+    loss: Callable[[], nn.Module]
+    lr: float | Callable[[int], float]
+    steps: int = 400
+    classes: int = 10
+    per_class: int = 8  # P×K batches: `classes_per_batch` classes × per_class rows
+    classes_per_batch: int = 16
+    dim: int = 32
+    normalize: bool = True
+    init_scale: float = 1.0
+    distance: str = "euclidean"
+    switch: Callable[[int, nn.Module], None] | None = None  # a change mid-run
+    features: int = 64
+    options: dict = field(default_factory=dict)
+
+
+def _data(regime: Regime, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if regime.classes == 10 and regime.features == 64:
+        x, y = datasets.load_digits(return_X_y=True)
+    else:
+        x, y = datasets.make_classification(
+            n_samples=max(60 * regime.classes, 3000),
+            n_features=regime.features,
+            n_informative=min(regime.features, 40),
+            n_redundant=0,
+            n_classes=regime.classes,
+            n_clusters_per_class=1,
+            class_sep=2.0,
+            random_state=seed,
+        )
+    return StandardScaler().fit_transform(x).astype(np.float32), y
+
+
+def _batches(labels: np.ndarray, regime: Regime, rng: np.random.Generator):
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    classes = np.array(sorted(by_class))
+    while True:
+        chosen = rng.choice(
+            classes, size=min(regime.classes_per_batch, len(classes)), replace=False
+        )
+        yield np.concatenate([rng.choice(by_class[c], regime.per_class) for c in chosen])
+
+
+def _truth_probe(model: nn.Module, train: Tensor, train_y: np.ndarray, held: Tensor,
+                 held_y: np.ndarray, distance: str) -> tuple[float, float]:  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        fitted, probe = model(train), model(held)
+    model.train()
+    if distance == "cosine":
+        unit = F.normalize(probe, dim=1)
+        spread = float((1 - unit @ unit.T).mean())
+    else:
+        spread = float(torch.cdist(probe, probe).mean())
+    knn = KNeighborsClassifier(5).fit(fitted.numpy(), train_y)
+    return spread, float(knn.score(probe.numpy(), held_y))
+
+
+@dataclass
+class Outcome:
+    regime: Regime
+    seed: int
+    truth_end: bool
+    truth_onset: int | None
+    truth_ever: bool
+    state: str
+    onset: int | None
+    ever_collapsed: bool
+    final_knn: float
+    raw_knn: float
+    chance: float
+    seconds: float
+
+    @property
+    def truth(self) -> str:
+        return "collapsed" if self.truth_end else "recovered" if self.truth_ever else "healthy"
+
+    @property
+    def false_alarm(self) -> bool:
+        healthy_end = not self.truth_end and self.state in ("warning", "collapsed")
+        return healthy_end or (not self.truth_ever and self.ever_collapsed)
+
+    @property
+    def miss(self) -> bool:
+        return (self.truth_end and self.state == "healthy") or (
+            self.truth_ever and not self.ever_collapsed
+        )
+
+    @property
+    def delay(self) -> int | None:
+        if self.onset is None or self.truth_onset is None:
+            return None
+        return self.onset - self.truth_onset
+
+    @property
+    def on_time(self) -> bool:
+        if self.delay is None:
+            return not (self.truth_ever and not self.ever_collapsed)
+        return -20 <= self.delay <= max(50, self.regime.steps // 10)
+
+
+def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x, y = _data(regime, seed)
+    x_train, x_held, y_train, y_held = train_test_split(
+        x, y, test_size=0.25, random_state=seed, stratify=y
+    )
+    chance = float(np.bincount(y_held).max() / len(y_held))
+    raw_knn = float(KNeighborsClassifier(5).fit(x_train, y_train).score(x_held, y_held))
+    train_t, held_t = torch.from_numpy(x_train), torch.from_numpy(x_held)
+    fit_rows = rng.choice(len(x_train), size=min(len(x_train), 1500), replace=False)
+    model = Embedder(x.shape[1], regime.dim, regime.normalize, regime.init_scale)
+    loss_fn = regime.loss()
+    lr_of = regime.lr if callable(regime.lr) else (lambda step, lr=regime.lr: lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_of(0), momentum=0.9)
+    batches = _batches(y_train, regime, rng)
+    labels = torch.from_numpy(y_train)
+    probes: list[tuple[int, float, float]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cw.watch(model, loss_fn, logdir=logdir, run=f"{regime.name}-{seed}", every=1,
+                      on_collapse="ignore", **regime.options) as watcher:  # fmt: skip
+            for step in range(regime.steps):
+                if step % PROBE_EVERY == 0:
+                    spread, knn = _truth_probe(
+                        model, train_t[fit_rows], y_train[fit_rows], held_t, y_held,
+                        regime.distance,
+                    )  # fmt: skip
+                    probes.append((step, spread, knn))
+                if regime.switch is not None:
+                    regime.switch(step, loss_fn)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_of(step)
+                rows = next(batches)
+                loss = loss_fn(model(train_t[rows]), labels[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    collapsed_at = []
+    peak = 0.0
+    for step, spread, knn in probes:
+        peak = max(peak, spread)
+        low_knn = knn < chance + KNN_SHARE * (raw_knn - chance)
+        collapsed_at.append((step, spread < SPREAD_FRACTION * peak or low_knn))
+    truth_end = all(flag for _, flag in collapsed_at[-3:])
+    truth_ever = any(
+        all(flag for _, flag in collapsed_at[i : i + 3]) for i in range(len(collapsed_at) - 2)
+    )
+    truth_onset = None
+    if truth_end:
+        i = len(collapsed_at) - 1
+        while i > 0 and collapsed_at[i - 1][1]:
+            i -= 1
+        truth_onset = collapsed_at[i][0]
+    elif truth_ever:
+        truth_onset = next(
+            collapsed_at[i][0]
+            for i in range(len(collapsed_at) - 2)
+            if all(flag for _, flag in collapsed_at[i : i + 3])
+        )
+    verdict = cw.analyze(watcher.path)
+    return Outcome(
+        regime, seed, truth_end, truth_onset, truth_ever, str(verdict.state),
+        verdict.onset_step, verdict.collapsed, probes[-1][2], raw_knn, chance,
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _scaled_from(step_at: int, lr_after: float | None = None):
+    def switch(step: int, loss_fn: nn.Module) -> None:
+        if step == step_at:
+            loss_fn.scaled = True
+
+    return switch
+
+
+def _jump(before: float, after: float, at: int) -> Callable[[int], float]:
+    return lambda step: before if step < at else after
+
+
+def _warmup(peak: float, over: int) -> Callable[[int], float]:
+    return lambda step: peak * min(1.0, (step + 1) / over)
+
+
+REGIMES = [
+    Regime("many-classes", "100 classes, unnormalised, margin 1, batch-hard, lr 0.5",
+           "collapse", lambda: BatchHardTripletLoss(margin=1.0), 0.5, classes=100,
+           features=100, normalize=False, classes_per_batch=32, per_class=4),
+    Regime("many-classes-healthy", "100 classes, unnormalised, margin 1, batch-all, lr 0.01",
+           "healthy", lambda: BatchAllTripletLoss(margin=1.0), 0.01, classes=100, features=100,
+           normalize=False, classes_per_batch=32, per_class=4),
+    Regime("batch-32", "P×K = 4×8, batch-hard, lr 0.5", "collapse",
+           lambda: BatchHardTripletLoss(margin=0.2), 0.5, classes_per_batch=4, per_class=8),
+    Regime("batch-32-healthy", "P×K = 4×8, batch-hard scaled, lr 0.05", "healthy",
+           lambda: BatchHardTripletLoss(margin=0.2, scaled=True), 0.05, classes_per_batch=4,
+           per_class=8),
+    Regime("batch-1024", "P×K = 32×32 on 100 classes, batch-hard, lr 0.5", "collapse",
+           lambda: BatchHardTripletLoss(margin=0.2), 0.5, classes=100, features=100,
+           classes_per_batch=32, per_class=32, steps=250),
+    Regime("batch-1024-healthy", "P×K = 32×32 on 100 classes, batch-all, lr 0.1", "healthy",
+           lambda: BatchAllTripletLoss(margin=0.2), 0.1, classes=100, features=100,
+           classes_per_batch=32, per_class=32, steps=250),
+    Regime("cosine-512", "512-d, cosine distance, batch-hard, lr 2", "collapse",
+           lambda: BatchHardTripletLoss(margin=0.2, distance="cosine"), 2.0, dim=512,
+           distance="cosine", normalize=False),
+    Regime("cosine-512-healthy", "512-d, cosine distance, batch-all, lr 0.05", "healthy",
+           lambda: BatchAllTripletLoss(margin=0.2, distance="cosine"), 0.05, dim=512,
+           distance="cosine", normalize=False),
+    Regime("margin-free-inside", "margin-free InfoNCE normalising inside, lr 5", "collapse",
+           lambda: SupervisedInfoNCE(0.5, normalize=True), 5.0, normalize=False,
+           distance="cosine"),
+    Regime("margin-free-outside", "margin-free InfoNCE on normalised output, lr 0.05",
+           "healthy", lambda: SupervisedInfoNCE(0.1, normalize=False), 0.05),
+    Regime("late-collapse", "healthy 300 steps (lr 0.02), then lr 1.0", "collapse",
+           lambda: BatchHardTripletLoss(margin=0.2), _jump(0.02, 1.0, 300), steps=600),
+    Regime("recovers", "batch-hard lr 0.5, scaled from step 200", "recover",
+           lambda: BatchHardTripletLoss(margin=0.2), 0.5, switch=_scaled_from(200), steps=500),
+    Regime("trap-zero-loss", "batch-all, margin 0.05: loss exactly 0, all easy", "healthy",
+           lambda: BatchAllTripletLoss(margin=0.05), 0.05, steps=300),
+    Regime("trap-warmup", "tiny init (×1e-3), unnormalised, lr warm-up over 200 steps",
+           "healthy", lambda: BatchAllTripletLoss(margin=0.2), _warmup(0.05, 200),
+           normalize=False, init_scale=1e-3),
+    Regime("trap-slow", "batch-hard, lr 0.002: slow, near the margin", "healthy",
+           lambda: BatchHardTripletLoss(margin=0.2), 0.002, steps=400),
+]  # fmt: skip
+
+
+def table(outcomes: list[Outcome]) -> str:
+    lines = [
+        "| regime | what | seeds | truth at end | detector at end | false alarms | misses | "
+        "onset − truth (steps) | held-out 5-NN (raw, chance) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_name: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_name.setdefault(outcome.regime.name, []).append(outcome)
+    for name, group in by_name.items():
+        regime = group[0].regime
+        truth = ", ".join(o.truth for o in group)
+        states = ", ".join(
+            o.state + (" (had collapsed)" if o.ever_collapsed and o.state == "healthy" else "")
+            for o in group
+        )
+        delays = ", ".join("–" if o.delay is None else f"{o.delay:+d}" for o in group)
+        knn = ", ".join(f"{o.final_knn:.2f}" for o in group)
+        lines.append(
+            f"| {name} | {regime.what} | {len(group)} | {truth} | {states} | "
+            f"{sum(o.false_alarm for o in group)} | {sum(o.miss for o in group)} | {delays} | "
+            f"{knn} ({group[0].raw_knn:.2f}, {group[0].chance:.2f}) |"
+        )
+    total = len(outcomes)
+    alarms = sum(o.false_alarm for o in outcomes)
+    misses = sum(o.miss for o in outcomes)
+    late = sum(not o.on_time for o in outcomes)
+    lines.append("")
+    lines.append(
+        f"{total} runs: {alarms} false alarms, {misses} misses, {late} onsets outside "
+        "[−20, max(50, 10 % of the run)] steps of the truth."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per regime")
+    parser.add_argument("--only", nargs="*", help="regime names (default: all)")
+    parser.add_argument("--write-doc", action="store_true", help="update docs/detector.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    chosen = [r for r in REGIMES if not args.only or r.name in args.only]
+    outcomes = []
+    with tempfile.TemporaryDirectory() as logdir:
+        for regime in chosen:
+            for seed in range(args.seeds):
+                outcome = run(regime, seed, Path(logdir))
+                outcomes.append(outcome)
+                print(
+                    f"{regime.name} seed {seed}: truth {outcome.truth} (onset "
+                    f"{outcome.truth_onset}), detector {outcome.state} (onset "
+                    f"{outcome.onset}), 5-NN {outcome.final_knn:.2f}, {outcome.seconds:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    text = table(outcomes)
+    print(text)
+    if args.write_doc:
+        doc = DOC.read_text()
+        head, rest = doc.split(START)
+        _, tail = rest.split(END)
+        device = "CPU (2 cores), torch " + torch.__version__
+        DOC.write_text(f"{head}{START}\n{text}\n\nMeasured on {device}.\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()

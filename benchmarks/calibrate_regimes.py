@@ -28,6 +28,7 @@ at most max(50, 10 % of the run) steps after the truth onset and at most 20 befo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -147,6 +148,8 @@ def _truth_probe(model: nn.Module, train: Tensor, train_y: np.ndarray, held: Ten
     with torch.no_grad():
         fitted, probe = model(train), model(held)
     model.train()
+    if not (torch.isfinite(fitted).all() and torch.isfinite(probe).all()):
+        return math.nan, math.nan  # diverged: no geometry left to judge
     if distance == "cosine":
         unit = F.normalize(probe, dim=1)
         spread = float((1 - unit @ unit.T).mean())
@@ -170,19 +173,24 @@ class Outcome:
     raw_knn: float
     chance: float
     seconds: float
+    diverged: bool = False  # non-finite held-out embeddings at some probe
+
+    FAILED = ("collapsed", "diverged")
 
     @property
     def truth(self) -> str:
+        if self.diverged:
+            return "diverged"
         return "collapsed" if self.truth_end else "recovered" if self.truth_ever else "healthy"
 
     @property
     def false_alarm(self) -> bool:
-        healthy_end = not self.truth_end and self.state in ("warning", "collapsed")
+        healthy_end = not self.truth_end and self.state in ("warning", *self.FAILED)
         return healthy_end or (not self.truth_ever and self.ever_collapsed)
 
     @property
     def miss(self) -> bool:
-        return (self.truth_end and self.state == "healthy") or (
+        return (self.truth_end and self.state not in self.FAILED) or (
             self.truth_ever and not self.ever_collapsed
         )
 
@@ -240,7 +248,11 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
                 optimizer.step()
     collapsed_at = []
     peak = 0.0
+    diverged = any(math.isnan(spread) for _, spread, _ in probes)
     for step, spread, knn in probes:
+        if math.isnan(spread):  # diverged: counted as failed, like the detector's states
+            collapsed_at.append((step, True))
+            continue
         peak = max(peak, spread)
         low_knn = knn < chance + KNN_SHARE * (raw_knn - chance)
         collapsed_at.append((step, spread < SPREAD_FRACTION * peak or low_knn))
@@ -261,10 +273,12 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
             if all(flag for _, flag in collapsed_at[i : i + 3])
         )
     verdict = cw.analyze(watcher.path)
+    failed_once = verdict.collapsed or verdict.diverged_step is not None
+    onset = verdict.onset_step if verdict.onset_step is not None else verdict.diverged_step
+    state = str(verdict.state)
     return Outcome(
-        regime, seed, truth_end, truth_onset, truth_ever, str(verdict.state),
-        verdict.onset_step, verdict.collapsed, probes[-1][2], raw_knn, chance,
-        time.perf_counter() - started,
+        regime, seed, truth_end, truth_onset, truth_ever, state, onset, failed_once,
+        probes[-1][2], raw_knn, chance, time.perf_counter() - started, diverged,
     )  # fmt: skip
 
 
@@ -288,9 +302,9 @@ REGIMES = [
     Regime("many-classes", "100 classes, unnormalised, margin 1, batch-hard, lr 0.5",
            "collapse", lambda: BatchHardTripletLoss(margin=1.0), 0.5, classes=100,
            features=100, normalize=False, classes_per_batch=32, per_class=4),
-    Regime("many-classes-healthy", "100 classes, unnormalised, margin 1, batch-all, lr 0.01",
-           "healthy", lambda: BatchAllTripletLoss(margin=1.0), 0.01, classes=100, features=100,
-           normalize=False, classes_per_batch=32, per_class=4),
+    Regime("many-classes-healthy", "100 classes, normalised, margin 0.2, scaled batch-hard, "
+           "lr 0.05", "healthy", lambda: BatchHardTripletLoss(margin=0.2, scaled=True), 0.05,
+           classes=100, features=100, classes_per_batch=32, per_class=4),
     Regime("batch-32", "P×K = 4×8, batch-hard, lr 0.5", "collapse",
            lambda: BatchHardTripletLoss(margin=0.2), 0.5, classes_per_batch=4, per_class=8),
     Regime("batch-32-healthy", "P×K = 4×8, batch-hard scaled, lr 0.05", "healthy",
@@ -299,9 +313,9 @@ REGIMES = [
     Regime("batch-1024", "P×K = 32×32 on 100 classes, batch-hard, lr 0.5", "collapse",
            lambda: BatchHardTripletLoss(margin=0.2), 0.5, classes=100, features=100,
            classes_per_batch=32, per_class=32, steps=250),
-    Regime("batch-1024-healthy", "P×K = 32×32 on 100 classes, batch-all, lr 0.1", "healthy",
-           lambda: BatchAllTripletLoss(margin=0.2), 0.1, classes=100, features=100,
-           classes_per_batch=32, per_class=32, steps=250),
+    Regime("batch-1024-healthy", "P×K = 32×32 on 100 classes, scaled batch-hard, lr 0.05",
+           "healthy", lambda: BatchHardTripletLoss(margin=0.2, scaled=True), 0.05, classes=100,
+           features=100, classes_per_batch=32, per_class=32, steps=250),
     Regime("cosine-512", "512-d, cosine distance, batch-hard, lr 2", "collapse",
            lambda: BatchHardTripletLoss(margin=0.2, distance="cosine"), 2.0, dim=512,
            distance="cosine", normalize=False),
@@ -313,13 +327,13 @@ REGIMES = [
            distance="cosine"),
     Regime("margin-free-outside", "margin-free InfoNCE on normalised output, lr 0.05",
            "healthy", lambda: SupervisedInfoNCE(0.1, normalize=False), 0.05),
-    Regime("late-collapse", "healthy 300 steps (lr 0.02), then lr 1.0", "collapse",
-           lambda: BatchHardTripletLoss(margin=0.2), _jump(0.02, 1.0, 300), steps=600),
-    Regime("recovers", "batch-hard lr 0.5, scaled from step 200", "recover",
-           lambda: BatchHardTripletLoss(margin=0.2), 0.5, switch=_scaled_from(200), steps=500),
+    Regime("late-collapse", "healthy 300 steps (lr 0.02), then lr 5", "collapse",
+           lambda: BatchHardTripletLoss(margin=0.2), _jump(0.02, 5.0, 300), steps=600),
+    Regime("recovers", "batch-hard lr 2, scaled from step 200", "recover",
+           lambda: BatchHardTripletLoss(margin=0.2), 2.0, switch=_scaled_from(200), steps=500),
     Regime("trap-zero-loss", "batch-all, margin 0.05: loss exactly 0, all easy", "healthy",
            lambda: BatchAllTripletLoss(margin=0.05), 0.05, steps=300),
-    Regime("trap-warmup", "tiny init (×1e-3), unnormalised, lr warm-up over 200 steps",
+    Regime("warmup-tiny-init", "tiny init (×1e-3), unnormalised, lr warm-up to 0.05",
            "healthy", lambda: BatchAllTripletLoss(margin=0.2), _warmup(0.05, 200),
            normalize=False, init_scale=1e-3),
     Regime("trap-slow", "batch-hard, lr 0.002: slow, near the margin", "healthy",

@@ -308,3 +308,29 @@ def test_a_divergence_is_rescued_by_halving_the_learning_rate(tmp_path):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert np.isfinite(embed(model, HELD_OUT)).all()
+
+
+def test_a_compiled_model_is_rescued_like_the_eager_one(tmp_path):
+    """torch.compile wraps the model (an OptimizedModule whose state_dict keys carry
+    ``_orig_mod.``): the checkpoint and the restore go through the module that trains."""
+    torch.manual_seed(0)
+    eager = DigitsEmbedder()
+    model = torch.compile(eager, backend="aot_eager")
+    loss_fn = cw.losses.BatchHardTripletLoss(margin=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    batches = random_batches(len(TRAIN), 256, torch.Generator().manual_seed(0))
+    with cw.watch(
+        model, loss_fn, logdir=tmp_path, run="compiled", every=1, on_collapse="rescue",
+        optimizer=opt,
+    ) as w:  # fmt: skip
+        for _ in range(STEPS):
+            index = TRAIN[next(batches)]
+            loss = loss_fn(model(IMAGES[index]), LABELS[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = cw.load_run(w.path)
+    assert RESCUED in run.events["kind"].tolist() and loss_fn.scaled
+    assert cw.analyze(run).state == "healthy"
+    # The truth, from the eager module the compiled one wraps (the same weights).
+    assert held_out_spread(eager) > 0.3 and knn_accuracy(eager) > 0.9

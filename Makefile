@@ -65,7 +65,8 @@ bench: $(STAMP)
 screenshot: $(STAMP)
 	$(BIN)/python -m collapsewatch.dashboard._screenshot --out docs/dashboard.png
 	COLLAPSEWATCH_SCREENSHOTS=docs/screenshots COLLAPSEWATCH_REQUIRE_BROWSER=1 \
-		$(BIN)/python -m pytest -q tests/dashboard/test_readability.py tests/test_report.py -k 1024
+		$(BIN)/python -m pytest -q tests/dashboard/test_readability.py tests/test_report.py \
+		tests/dashboard/test_browser.py -k "1024 or 200_run_sweep"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -354,13 +354,16 @@ class CollapseDetector:
         # fall must be deeper: healthy small-class runs dip to 0.11-0.15 of their peak.
         if not contracted and on_plateau:
             contracted = distance < c.contraction_peak_fraction_alone * self.peak_distance
-        # Directions: a loss that L2-normalises inside can collapse every row onto one
-        # direction while the raw norms (and distances) grow.
+        # Directions: a loss that L2-normalises inside (cosine, a normalising distance)
+        # can collapse every row onto one direction while the raw norms (and distances)
+        # grow. Other losses do not see directions: rows along a line away from the origin
+        # point one way and are still apart.
         direction = _value(row, "std_of_l2_normalized")
         dim = _value(row, "embedding_dim")
         self.peak_direction_spread = max(self.peak_direction_spread, direction)
         direction_contracted = (
             not contracted
+            and self.compares_directions
             and math.isfinite(direction)
             and dim >= 1
             and direction < c.contraction_peak_fraction * self.peak_direction_spread
@@ -477,6 +480,12 @@ class CollapseDetector:
             )
             return [Event(step, "cleared", HEALTHY, message, "", evidence)]
         return []
+
+    @property
+    def compares_directions(self) -> bool:
+        """Whether the loss compares directions only (cosine, or a distance that
+        L2-normalises first): then their spread is the spread that matters."""
+        return self.distance == "cosine" or "normalized" in self.traits
 
     def _on_plateau(self, step: int, ratio: float) -> bool:
         """Whether loss/plateau sits at 1: this step's value or the median of its recorded

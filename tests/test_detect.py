@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapsewatch.detect import CollapseDetector, DetectorConfig, analyze
+from collapsewatch.detect import CollapseDetector, DetectorConfig, analyze, verdict_from_events
 
 
 def stream(ratios, distances, *, margin=0.2, start=0, **extra):
@@ -305,7 +305,12 @@ def test_directions_that_collapse_while_the_norms_grow_are_collapse():
     distances = [0.5 * 1.03**i for i in range(steps)]
     direction = [0.18 if i < 50 else max(0.18 * 0.9 ** (i - 50), 0.001) for i in range(steps)]
     ratios = [1.4] * 50 + [1.0] * 150
-    verdict = analyze(stream(ratios, distances, std_of_l2_normalized=direction, embedding_dim=32.0))
+    rows = stream(ratios, distances, std_of_l2_normalized=direction, embedding_dim=32.0)
+    # A Euclidean loss on raw embeddings does not see directions: rows along a line away
+    # from the origin point one way and are still apart.
+    assert analyze(rows).events == ()
+    detector = CollapseDetector(distance="cosine")  # what the loss compares: directions
+    verdict = verdict_from_events(detector.replay(rows), detector.state, detector.last_step)
     below = next(i for i, v in enumerate(direction) if v < 0.1 / math.sqrt(32))
     assert verdict.state == "collapsed"
     assert below <= verdict.onset_step <= below + 20

@@ -491,17 +491,27 @@ class CollapseDetector:
         """Whether loss/plateau sits at 1: this step's value or the median of its recorded
         values over the last ``window``/2 steps (a collapsed batch-hard loss wobbles above
         the margin by the hardest pairs' noise) within a band: the configured tolerance,
-        widened to z × the ratio's noise (1.4826 × the median absolute step-to-step change
-        / √2, a robust standard deviation, over the last ``window`` recorded steps), at
-        most ``plateau_tolerance_max``. Small batches wobble more: their band is wider."""
+        widened to z × the ratio's noise (1.4826 × the median absolute deviation of the
+        step-to-step changes / √2, a robust standard deviation, over the last ``window``
+        recorded steps, once they cover ``window`` steps), at most
+        ``plateau_tolerance_max``. Small batches wobble more: their band is wider. The
+        changes are taken about their median so that a steady trend (a loss still falling
+        onto the plateau) is not read as noise: a trend's change between recorded steps
+        grows with the recording interval, batch noise does not."""
         c = self.config
         self.recent_ratios.append((step, ratio))
-        while len(self.recent_ratios) > max(c.window, 2):
+        while len(self.recent_ratios) > max(c.window + 1, 2):
             self.recent_ratios.popleft()
         values = np.asarray([r for _, r in self.recent_ratios])
         band = c.plateau_tolerance
-        if len(values) >= 5:
-            noise = 1.4826 * float(np.median(np.abs(np.diff(values)))) / math.sqrt(2)
+        # Noise is measured only once the history covers `window` training steps (and five
+        # values): counted in rows, the first few steps of a dense recording, where the loss
+        # is still falling onto the plateau, would widen the band that a sparse one of the
+        # same run never gets.
+        if len(values) >= 5 and step - self.recent_ratios[0][0] >= c.window:
+            changes = np.diff(values)
+            spread = np.median(np.abs(changes - np.median(changes)))
+            noise = 1.4826 * float(spread) / math.sqrt(2)
             band = max(band, min(c.plateau_noise_z * noise, c.plateau_tolerance_max))
         level = float(np.median([r for s, r in self.recent_ratios if s > step - c.window / 2]))
         # The step itself, or its recent level: a clean drop onto the plateau counts at once.

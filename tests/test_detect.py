@@ -283,6 +283,24 @@ def test_the_plateau_band_follows_the_noise_of_small_batches():
         assert fixed.onset_step is None or fixed.onset_step > verdict.onset_step
 
 
+def test_a_loss_still_falling_onto_the_plateau_is_not_noise_at_any_interval():
+    # Batch-hard at lr 0.5 from the first steps (as recorded on 1024-row batches): the
+    # spread is gone by step 2 while loss/margin falls 2.5 → 1.01 as 1 + 1.5·0.7^t. Read as
+    # noise, the first five falling values widened the band to 0.1 when every step was
+    # recorded, but not in every 4th or 10th row: the onsets differed by two intervals.
+    steps = 120
+    ratios = [1.0 + 1.5 * 0.7**t + 0.005 * math.sin(t) for t in range(steps)]
+    distances = [0.6, 0.2] + [0.01] * (steps - 2)
+    dense = analyze(stream(ratios, distances))
+    assert dense.state == "collapsed"
+    # On the plateau (within 0.02) from step 12: confirmed a window later, not before.
+    assert 12 + 20 <= dense.onset_step <= 12 + 20 + 2
+    for every in (4, 10):
+        sparse = analyze(stream(ratios, distances).iloc[::every])
+        assert sparse.state == "collapsed"
+        assert abs(sparse.onset_step - dense.onset_step) <= every, every
+
+
 def test_a_noisy_healthy_loss_off_the_margin_is_never_on_the_plateau():
     # Batch-all hovering at 0.6-0.96 × margin: the band widens with the noise, but no
     # further than plateau_tolerance_max, and the spread is healthy anyway.

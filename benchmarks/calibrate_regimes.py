@@ -406,8 +406,10 @@ def main(argv: list[str] | None = None) -> None:
         doc = DOC.read_text()
         head, rest = doc.split(START)
         _, tail = rest.split(END)
-        device = "CPU (2 cores), torch " + torch.__version__
-        DOC.write_text(f"{head}{START}\n{text}\n\nMeasured on {device}.\n{END}{tail}")
+        device = (
+            f"a {'CUDA GPU' if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}"
+        )
+        DOC.write_text(f"{head}{START}\n{text}\n\nMeasured on {device}, one thread.\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ bench: $(STAMP)
 # tests assert on, regenerated from the code in headless Chromium.
 .PHONY: screenshot
 screenshot: $(STAMP)
-	$(BIN)/python -m collapsewatch.dashboard._screenshot --out docs/dashboard.png
+	$(BIN)/python -m tests.dashboard.screenshot --out docs/dashboard.png
 	COLLAPSEWATCH_SCREENSHOTS=docs/screenshots COLLAPSEWATCH_REQUIRE_BROWSER=1 \
 		$(BIN)/python -m pytest -q tests/dashboard/test_readability.py tests/test_report.py \
 		tests/dashboard/test_browser.py -k "1024 or 200_run_sweep"

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from collapsewatch.dashboard._screenshot import CHROMIUM_ARGS
 
-CHROMIUM = os.environ.get("COLLAPSEWATCH_CHROMIUM", "/usr/bin/chromium")
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
 VIEWPORT = {"width": 1400, "height": 1000}
 DEFAULT_TIMEOUT_MS = 15_000
 

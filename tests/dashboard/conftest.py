@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import serve_in_thread
+
 
 @pytest.fixture
 def logdir(tmp_path: Path) -> Path:
@@ -25,7 +27,6 @@ def serve_dashboard() -> Iterator[Callable[..., str]]:
     Not faster by default: Dash drops a callback's answer when the next poll fires first,
     so on a loaded machine a figure slower to build than the poll would never show."""
     from collapsewatch.dashboard import create_app
-    from collapsewatch.dashboard._screenshot import serve_in_thread
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in test output
     with ExitStack() as stack:

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import pandas as pd
 import pytest
 from collapsewatch.dashboard import create_app
-from collapsewatch.dashboard._screenshot import serve_in_thread
 
 from collapsewatch.store import RunWriter, run_path
+from tests.browser import serve_in_thread
 
 CALLBACK = "/_dash-update-component"
 

@@ -1,9 +1,10 @@
 """Regenerate the README screenshot, ``docs/dashboard.png``.
 
-    python -m collapsewatch.dashboard._screenshot                  # two synthetic demo runs
-    python -m collapsewatch.dashboard._screenshot --logdir runs/   # your own runs
+    python -m tests.dashboard.screenshot                  # two synthetic demo runs
+    python -m tests.dashboard.screenshot --logdir runs/   # your own runs
 
-Needs Playwright's Python package and a Chromium (``/usr/bin/chromium`` by default). The
+Run from a checkout (it is test tooling, not part of the package). Needs Playwright's Python
+package and a Chromium (``/usr/bin/chromium``, or ``$COLLAPSEWATCH_CHROMIUM``). The
 demo runs are synthetic but shaped like real ones: a batch-hard run whose loss/margin climbs
 to 1.000 as its mean pairwise distance falls from ~0.5 to ~0.002 around step 60 (with the
 detector's warning and collapsed events), and a healthy scaled run whose loss goes to 0.
@@ -16,28 +17,16 @@ import logging
 import math
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from collapsewatch.store import Event, RunWriter
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, serve_in_thread
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 DIM, CLASSES, PER_CLASS, STEPS = 32, 10, 40, 300
 # Dense around the collapse, so the slider shows the clusters shrinking step by step.
 SNAPSHOT_STEPS = (0, 15, 30, 36, 42, 48, 54, 60, 90, 120, 180, 240, 299)
@@ -52,22 +41,6 @@ SETTLED = """() => {
   return plots.length > 0 && plots.every(gd => gd._fullLayout && gd._fullData
     && !(gd._transitionData && gd._transitionData._inTransition));
 }"""
-
-
-@contextmanager
-def serve_in_thread(app: object, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve a Dash ``app`` from a background thread on a free port; yields its URL."""
-    from werkzeug.serving import make_server
-
-    server = make_server(host, 0, app.server, threaded=True)  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{server.server_port}/"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
 
 
 def _smooth_step(t: np.ndarray, centre: float, width: float) -> np.ndarray:

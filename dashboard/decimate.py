@@ -50,18 +50,39 @@ def decimate_indices(
     bucket = ((np.asarray(steps, dtype=np.int64) - lo) * buckets // max(hi - lo, 1)).clip(
         0, buckets - 1
     )
-    keep = [np.array([0, n - 1])]
-    for column in values.T:
-        finite = np.isfinite(column)
-        for sign in (1.0, -1.0):
-            key = np.where(finite, sign * column, np.inf)
-            order = np.lexsort((key, bucket))  # by bucket, then value: firsts are the extremes
-            ordered = bucket[order]
-            first = order[np.r_[True, ordered[1:] != ordered[:-1]]]
-            keep.append(first[finite[first]])
+    keep = [np.array([0, n - 1]), *bucket_extremes(bucket, values)]
     if exact is not None:
         keep.append(np.flatnonzero(exact))
     return np.unique(np.concatenate(keep))
+
+
+def bucket_extremes(bucket: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket and column, the first row of its minimum and of its maximum (NaN and ±inf
+    are never an extreme; a bucket where a column has no finite value gives that column no
+    row).
+
+    Args:
+        bucket: (n,) non-decreasing bucket numbers, so each bucket is one run of rows.
+        values: (n, k) values.
+
+    Returns:
+        (rows of minima, rows of maxima), each ascending within a column, column after column.
+    """
+    finite = np.isfinite(values)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    group = np.cumsum(np.r_[False, bucket[1:] != bucket[:-1]])  # (n,) run number of each row
+    found = []
+    for sign in (1.0, -1.0):
+        # O(n): a bucket is a run of rows, so its minimum is one reduceat, and the first row
+        # holding it is the first hit of that run (ties go to the earliest row).
+        key = np.where(finite, sign * values, np.inf)
+        lowest = np.minimum.reduceat(key, starts, axis=0)  # (buckets, k)
+        hit = finite & (key == lowest[group])
+        column, row = np.nonzero(hit.T)  # column-major: each column's rows ascending
+        run = column * len(starts) + group[row]
+        first = np.r_[True, run[1:] != run[:-1]]
+        found.append(row[first])
+    return found[0], found[1]
 
 
 def exact_mask(

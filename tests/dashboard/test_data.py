@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -294,6 +295,39 @@ def test_decimation_of_100k_rows_is_bounded_and_keeps_extremes() -> None:
         keep.tolist()
     )
     assert np.all(np.diff(keep) > 0)  # sorted, unique
+
+
+def _bucket_extremes_by_loop(steps: np.ndarray, values: np.ndarray, max_points: int) -> set:
+    """The decimation rule spelled out: per equal-width bucket of steps and column, the
+    first row of the smallest and of the largest finite value."""
+    n, k = values.shape
+    buckets = max(1, max_points // (2 * k))
+    lo, hi = int(steps[0]), int(steps[-1])
+    members: dict[int, list[int]] = {}
+    for row, step in enumerate(steps.tolist()):
+        b = min(buckets - 1, (step - lo) * buckets // max(hi - lo, 1))
+        members.setdefault(b, []).append(row)
+    keep = {0, n - 1}
+    for rows in members.values():
+        for column in range(k):
+            finite = [r for r in rows if math.isfinite(values[r, column])]
+            if finite:
+                keep.add(min(finite, key=lambda r: (values[r, column], r)))
+                keep.add(min(finite, key=lambda r: (-values[r, column], r)))
+    return keep
+
+
+def test_decimation_matches_the_rule_spelled_out_as_a_loop() -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    steps = np.cumsum(rng.integers(1, 5, n))  # uneven logging: buckets hold unequal rows
+    values = np.round(rng.normal(0, 1, (n, 3)), 1)  # rounded: many ties inside a bucket
+    values[rng.random((n, 3)) < 0.2] = np.nan
+    values[5, 0], values[7, 1], values[9, 2] = np.inf, -np.inf, -0.0
+    values[1000:3000, 1] = np.nan  # buckets where one column has nothing to keep
+    for max_points in (60, 600, 6000):
+        keep = decimate_indices(steps, values, max_points)
+        assert keep.tolist() == sorted(_bucket_extremes_by_loop(steps, values, max_points))
 
 
 def test_exact_rows_survive_decimation() -> None:

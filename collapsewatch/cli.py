@@ -312,7 +312,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from collapsewatch.report import write_report
+    from collapsewatch.dashboard.report import write_report
 
     if len(args.runs) > 1 and not args.output:
         raise CommandError("a report of several runs needs -o FILE.html (where to write it)")

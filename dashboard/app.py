@@ -24,7 +24,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def create_app(
-    logdir: str | Path,
+    logdir: str | Path | RunCache,
     *,
     interval_ms: int = 2000,
     max_points: int = 2000,
@@ -33,7 +33,10 @@ def create_app(
     """The dashboard for every run under ``logdir`` (read-only), as a Dash app.
 
     Args:
-        logdir: the log directory; runs that appear in it later are picked up.
+        logdir: the log directory (runs that appear in it later are picked up), or a
+            :class:`~collapsewatch.dashboard.data.RunCache` over one, which the app then
+            reads through and may share (with a report, another app, a test); the app
+            never opens a run any other way.
         interval_ms: how often the page polls for new rows, in milliseconds.
         max_points: the point budget per plotted series (longer runs are decimated).
         allowed_hosts: host names besides 127.0.0.1, localhost and ::1 that requests may
@@ -42,15 +45,19 @@ def create_app(
             a web page cannot read the runs through DNS rebinding.
 
     Raises:
-        FileNotFoundError: ``logdir`` is not a directory.
+        FileNotFoundError: the log directory does not exist.
     """
-    root = Path(logdir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"log directory {str(root)!r} does not exist")
     if int(interval_ms) < 100:
         raise ValueError(f"interval_ms must be at least 100, got {interval_ms}")
     if int(max_points) < 10:
         raise ValueError(f"max_points must be at least 10, got {max_points}")
+    if isinstance(logdir, RunCache):
+        cache = logdir
+    else:
+        # The run list is re-read at most once per two polls, and at least every second.
+        cache = RunCache(logdir, list_ttl=min(1.0, interval_ms / 2000))
+    if not cache.logdir.is_dir():
+        raise FileNotFoundError(f"log directory {str(cache.logdir)!r} does not exist")
     app = dash.Dash(
         __name__,
         title="collapsewatch",
@@ -63,8 +70,9 @@ def create_app(
         suppress_callback_exceptions=False,
     )
     _refuse_foreign_hosts(app.server, allowed_hosts)
-    cache = RunCache(root, list_ttl=min(1.0, interval_ms / 2000))
-    app.layout = build_layout(str(logdir), int(interval_ms))
+    # The header names the log directory as the user gave it ("runs/", not an absolute path).
+    shown = str(cache.logdir if isinstance(logdir, RunCache) else logdir)
+    app.layout = build_layout(shown, int(interval_ms))
     register_callbacks(app, cache, int(max_points))
     return app
 

@@ -70,8 +70,7 @@ def test_the_cli_analyses_it(frozen: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_the_dashboard_and_the_report_draw_it(frozen: Path, tmp_path: Path) -> None:
     from collapsewatch.dashboard.data import RunCache, run_id_of
-
-    from collapsewatch.report import write_report
+    from collapsewatch.dashboard.report import write_report
 
     cache = RunCache(frozen.parent)
     view = cache.view(run_id_of(frozen.parent, frozen))

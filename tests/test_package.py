@@ -29,7 +29,7 @@ def _modules_after(code: str) -> list[str]:
         "import contextlib\nfrom collapsewatch.cli import main\n"
         "with contextlib.suppress(SystemExit):\n    main(['--help'])",
         "import collapsewatch as cw\ncw.load_run, cw.analyze, cw.RunReader, cw.METRIC_COLUMNS",
-        "import collapsewatch.dashboard, collapsewatch.report",
+        "import collapsewatch.dashboard.report",
     ],
     ids=["cli-help", "read-api", "dashboard-and-report"],
 )

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapsewatch import cli, report, trackers
+from collapsewatch import cli, trackers
 from collapsewatch.detect import CollapseDetector, analyze
 from collapsewatch.states import DETECTOR_STATES, FAILED_STATES, RunState, display_state
 from collapsewatch.store import RunReader, RunWriter, load_run, run_path
-from dashboard import data, figures, layout
+from dashboard import data, figures, layout, report
 
 CSS = Path(data.__file__).with_name("assets") / "style.css"
 
@@ -36,7 +36,6 @@ def test_states_read_as_their_values():
 @pytest.mark.parametrize("state", list(RunState))
 def test_every_medium_shows_every_state(state):
     assert state in cli.STATE_STYLE
-    assert state in report.STATE_COLOURS
     assert state in figures.STATE_COLOURS
     assert state in layout.STATE_SYMBOLS
     assert state.value in data.UI_STATES
@@ -96,4 +95,4 @@ def test_the_report_of_a_diverged_run_says_so(tmp_path):
     run = load_run(path)
     page = report.write_report(run, analyze(run), tmp_path / "r.html").read_text()
     assert "Diverged at step 30 and still diverged at the last step." in page
-    assert report.STATE_COLOURS[RunState.DIVERGED] in page
+    assert figures.STATE_COLOURS[RunState.DIVERGED] in page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,42 @@ def test_the_run_list_names_the_last_step_and_counts_the_recorded_ones(tmp_path:
     last = stats[2]
     assert last.children[0].children == "last step" and last.children[1] == " 594"
     assert last.title == "100 recorded steps, the last at step 594"
+
+
+def test_create_app_reads_through_the_cache_it_is_given(tmp_path: Path) -> None:
+    from collapsewatch.dashboard.data import RunCache
+
+    from tests.dashboard.runs import write_run
+
+    write_run(tmp_path, "first", steps=range(10))
+    # A run list that never expires: what the app shows is what this cache listed.
+    shared = RunCache(tmp_path, list_ttl=math.inf)
+    assert [e.run_id for e in shared.run_list().entries] == ["first.cwrun"]
+    write_run(tmp_path, "second", steps=range(10))
+    own, given = create_app(tmp_path), create_app(shared)
+    assert _listed(own) == ["first.cwrun", "second.cwrun"]
+    assert _listed(given) == ["first.cwrun"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        create_app(RunCache(tmp_path / "missing"))
+
+
+def _listed(app: dash.Dash) -> list[str]:
+    """The run ids the run-list callback offers, asked over HTTP as the page's first poll."""
+    output = next(k for k in app.callback_map if "cw-run-list.options" in k)
+    body = {
+        "output": output,
+        "outputs": [
+            {"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
+            for part in output.strip(".").split("...")
+        ],
+        "inputs": [
+            {"id": "cw-interval", "property": "n_intervals", "value": 1},
+            {"id": "cw-run-list", "property": "value", "value": None},
+        ],
+        "state": [{"id": "cw-selection-ready", "property": "data", "value": False}],
+        "changedPropIds": ["cw-interval.n_intervals"],
+    }
+    response = app.server.test_client().post("/_dash-update-component", json=body)
+    assert response.status_code == 200
+    options = response.get_json()["response"]["cw-run-list"]["options"]
+    return [option["value"] for option in options]

@@ -2,7 +2,9 @@
 that opens offline.
 
 The metric panels and the embedding view are the dashboard's own figures, built through the
-dashboard's data layer, so a report and the live dashboard always draw the same thing.
+dashboard's data layer, so a report and the live dashboard always draw the same thing (and
+the dependency runs one way: the report is part of the dashboard package, the core package
+never imports it).
 plotly.js is inlined once; the page loads nothing from the network.
 """
 
@@ -21,14 +23,18 @@ from collapsewatch.detect import Verdict
 from collapsewatch.states import RunState
 from collapsewatch.store import Run
 
-STATE_COLOURS = {  # Okabe–Ito, always shown together with the state's name
-    RunState.HEALTHY: "#009E73",
-    RunState.RECOVERED: "#0072B2",
-    RunState.WARNING: "#E69F00",
-    RunState.COLLAPSED: "#D55E00",
-    RunState.DIVERGED: "#CC79A7",
-    RunState.EMPTY: "#9AA5B1",
-}
+from .data import RunCache, run_id_of
+from .figures import (
+    MUTED,
+    STATE_COLOURS,
+    embedding_caption,
+    embedding_figure,
+    event_style,
+    panels_figure,
+    register_template,
+    run_colours,
+)
+
 PANELS_HEIGHT = 1100
 
 _CSS = """
@@ -83,7 +89,7 @@ def _headline(verdict: Verdict) -> str:
 def _verdict_section(verdict: Verdict) -> str:
     state = _state(verdict)
     parts = [
-        f'<section class="card verdict" style="--state:{STATE_COLOURS.get(state, "#616e7c")}">',
+        f'<section class="card verdict" style="--state:{STATE_COLOURS.get(state, MUTED)}">',
         f'<span class="badge">{_e(state)}</span><strong>{_e(_headline(verdict))}</strong>',
     ]
     collapse = next((e for e in verdict.events if e.kind in ("diverged", "collapsed")), None)
@@ -108,7 +114,7 @@ def _verdicts_table(
         advice = next((e.suggestion for e in verdict.events if e.suggestion), "")
         rows.append(
             f'<tr class="verdict" data-run="{_e(run.name)}" '
-            f'style="--state:{STATE_COLOURS.get(state, "#616e7c")}">'
+            f'style="--state:{STATE_COLOURS.get(state, MUTED)}">'
             f"<td><span class='swatch' style='background:{colours[run_id]}'></span>"
             f"{_e(run.name)}</td><td><span class='badge'>{_e(state)}</span></td>"
             f"<td>{_e(_headline(verdict))}</td><td>{_e(advice)}</td></tr>"
@@ -120,8 +126,6 @@ def _verdicts_table(
 
 
 def _events_table(verdict: Verdict) -> str:
-    from collapsewatch.dashboard.figures import event_style
-
     if not verdict.events:
         return '<p class="muted">The detector recorded no events.</p>'
     rows = "".join(
@@ -205,15 +209,6 @@ def write_report(
     """Write the report of one run, or of several runs overlaid in the same panels, with
     their verdicts (from :func:`collapsewatch.analyze`, one per run) to ``output``; return
     its path. A report of one run also shows its embedding snapshots and configuration."""
-    from collapsewatch.dashboard.data import RunCache, run_id_of
-    from collapsewatch.dashboard.figures import (
-        embedding_caption,
-        embedding_figure,
-        panels_figure,
-        register_template,
-        run_colours,
-    )
-
     runs = [runs] if isinstance(runs, Run) else list(runs)
     verdicts = [verdicts] if isinstance(verdicts, Verdict) else list(verdicts)
     if not runs or len(runs) != len(verdicts):

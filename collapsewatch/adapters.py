@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -86,16 +87,143 @@ def parse_loss_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LossCal
 
 SOFT_MARGIN_ATTRIBUTES = ("smooth_loss", "soft_margin")
 MARGIN_ATTRIBUTES = ("margin", "triplet_margin")
-IN_BATCH_NEGATIVES_LOSSES = frozenset(
-    {
-        "MultipleNegativesRankingLoss",
-        "CachedMultipleNegativesRankingLoss",
-        "MultipleNegativesSymmetricRankingLoss",
-        "CachedMultipleNegativesSymmetricRankingLoss",
-    }
-)
-"""sentence-transformers' InfoNCE losses: cross-entropy of each anchor over the in-batch
-candidates, so identical embeddings (equal logits) cost exactly ln(candidates)."""
+
+CallPlateau = Callable[[tuple[Any, ...], Mapping[str, Any]], "float | Tensor | None"]
+"""The loss of identical embeddings for one call, from its arguments (a 0-dim tensor when it
+is computed from the call's labels, so that no step waits for the device); None if the call
+does not say."""
+
+
+def _feature_batch_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[int] | None:
+    """The rows of each of a sentence-transformers call's k feature batches (anchors,
+    positives, hard negatives), None unless k ≥ 2 batches of one size."""
+    batches = kwargs.get("sentence_features", args[0] if args else ())
+    rows = [_rows(features) for features in batches] if isinstance(batches, list | tuple) else []
+    if len(rows) < 2 or None in rows or len(set(rows)) != 1:
+        return None
+    return rows  # type: ignore[return-value]
+
+
+def ranking_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
+    """MultipleNegativesRankingLoss with identical embeddings: every logit equal, so each
+    anchor's cross-entropy is ln((k − 1)·B), k feature batches of B rows (each anchor is
+    scored against the positives and hard negatives of the whole batch)."""
+    rows = _feature_batch_rows(args, kwargs)
+    return None if rows is None else math.log((len(rows) - 1) * rows[0])
+
+
+def symmetric_ranking_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
+    """The symmetric variant averages the anchors' ln((k − 1)·B) with the positives' ln B
+    (each positive is scored against the B anchors)."""
+    rows = _feature_batch_rows(args, kwargs)
+    if rows is None:
+        return None
+    return (math.log((len(rows) - 1) * rows[0]) + math.log(rows[0])) / 2
+
+
+PML_CALL = ("embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels")
+"""The arguments of a pytorch-metric-learning loss call, in order."""
+
+
+def _pml_pair_counts(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], distinct: bool
+) -> tuple[Tensor, Tensor] | None:
+    """How many positive and negative pairs each row of a PML loss call anchors: two (N,)
+    float tensors, counted as ``lmu.convert_to_pairs`` pairs the rows (every pair of
+    different rows from the labels; a miner's (a, p, n) or (a1, p, a2, n) indices as they
+    are, repeats included unless ``distinct``). None for a call against ``ref_emb``, without
+    labels, or with at most one index of each kind (PML scores those 0)."""
+    bound = {**dict(zip(PML_CALL, args, strict=False)), **kwargs}
+    embeddings, labels = bound.get("embeddings"), bound.get("labels")
+    if (
+        bound.get("ref_emb") is not None
+        or not _is_embedding(embeddings)
+        or not _is_labels(labels, embeddings.shape[0])
+    ):
+        return None
+    n, device = embeddings.shape[0], embeddings.device
+    indices = bound.get("indices_tuple")
+    if indices is None:
+        same = (labels[:, None] == labels[None, :]).sum(1).to(device, torch.float32)
+        return same - 1, n - same  # the row itself is neither
+    if len(indices) == 3:
+        indices = (indices[0], indices[1], indices[0], indices[2])
+    if len(indices) != 4 or all(len(index) <= 1 for index in indices):
+        return None
+    a1, p, a2, negative = (index.to(device) for index in indices)
+    if distinct:
+        counts = []
+        for anchors, others in ((a1, p), (a2, negative)):
+            mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+            mask[anchors, others] = True
+            counts.append(mask.sum(1, dtype=torch.float32))
+        return counts[0], counts[1]
+    ones = torch.ones(len(a1) + len(a2), device=device)
+    positives = torch.zeros(n, device=device).index_add_(0, a1, ones[: len(a1)])
+    return positives, torch.zeros(n, device=device).index_add_(0, a2, ones[len(a1) :])
+
+
+def ntxent_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """PML's NTXentLoss with identical embeddings: every logit equal, so a positive pair
+    (a, p) costs ln(1 + K_a), its own logit against the anchor's K_a negatives, and the loss
+    (the mean over positive pairs) is Σ_a P_a ln(1 + K_a) / Σ_a P_a with P_a the positive
+    pairs anchor a has. NaN when there is no positive or no negative pair (loss 0)."""
+    counts = _pml_pair_counts(args, kwargs, distinct=False)
+    if counts is None:
+        return None
+    positives, negatives = counts
+    value = (positives * torch.log1p(negatives)).sum() / positives.sum()
+    known = (positives.sum() > 0) & (negatives.sum() > 0)
+    return torch.where(known, value, torch.full_like(value, math.nan))
+
+
+def supcon_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """PML's SupConLoss with identical embeddings: an anchor with P_a ≥ 1 positives and K_a
+    negatives (distinct pairs) costs ln(P_a + K_a), the log-probability of each positive
+    among all of them; its reducer averages the anchors whose cost is not 0. NaN when there
+    is no positive or no negative pair (loss 0)."""
+    counts = _pml_pair_counts(args, kwargs, distinct=True)
+    if counts is None:
+        return None
+    positives, negatives = counts
+    candidates = positives + negatives
+    scored = ((positives > 0) & (candidates > 1)).float()
+    value = (scored * torch.log(candidates.clamp(min=1))).sum() / scored.sum()
+    known = (scored.sum() > 0) & (negatives.sum() > 0)
+    return torch.where(known, value, torch.full_like(value, math.nan))
+
+
+IN_BATCH_NEGATIVES_LOSSES: dict[tuple[str, str], tuple[CallPlateau, str]] = {
+    ("sentence_transformers", "MultipleNegativesRankingLoss"): (
+        ranking_plateau,
+        "each anchor against the batch's positives and hard negatives",
+    ),
+    ("sentence_transformers", "CachedMultipleNegativesRankingLoss"): (
+        ranking_plateau,
+        "each anchor against the batch's positives and hard negatives",
+    ),
+    ("sentence_transformers", "MultipleNegativesSymmetricRankingLoss"): (
+        symmetric_ranking_plateau,
+        "each anchor against the batch's positives and hard negatives, each positive "
+        "against the anchors",
+    ),
+    ("sentence_transformers", "CachedMultipleNegativesSymmetricRankingLoss"): (
+        symmetric_ranking_plateau,
+        "each anchor against the batch's positives and hard negatives, each positive "
+        "against the anchors",
+    ),
+    ("pytorch_metric_learning", "NTXentLoss"): (
+        ntxent_plateau,
+        "each positive pair against its anchor's negatives, from each call's labels",
+    ),
+    ("pytorch_metric_learning", "SupConLoss"): (
+        supcon_plateau,
+        "each anchor against every other row it is compared with, from each call's labels",
+    ),
+}
+"""InfoNCE losses: cross-entropy of each anchor over its in-batch candidates, so identical
+embeddings (equal logits) cost exactly ln(candidates), computed per call; with what each
+anchor is scored against."""
 
 ANGULAR_MARGIN_LOSSES = frozenset(
     {
@@ -108,6 +236,8 @@ ANGULAR_MARGIN_LOSSES = frozenset(
 )
 """pytorch-metric-learning losses whose ``margin`` is not a distance margin."""
 
+_NO_KEYWORDS: Mapping[str, Any] = MappingProxyType({})
+
 
 @dataclass(frozen=True)
 class MarginSpec:
@@ -117,27 +247,30 @@ class MarginSpec:
     of the contraction test; ``plateau`` is the loss value once every distance is 0, the
     level the detector's plateau rule looks for: m for hinge losses, ln(1 + eᵐ) for
     soft-margin ones (ln 2 without a margin), PML's ``neg_margin`` for contrastive losses.
-    Either is None when the loss has none; ``source`` says where they came from.
+    Either is None when the loss has none; ``source`` says where they came from. An
+    in-batch-negatives loss has ``call_plateau`` instead: ln(candidates) follows each
+    call's batch (its size, its labels), and ``candidates`` says what they are.
     """
 
     margin: float | None
     plateau: float | None
     source: str
-    in_batch: bool = False  # the plateau is ln(in-batch candidates), per call
-    symmetric: bool = False  # ... averaged with the positives' ln(B) over the anchors
+    call_plateau: CallPlateau | None = None
+    candidates: str = ""
 
-    def plateau_of_call(self, args: tuple[Any, ...]) -> float | None:
-        """The loss at zero distances for one call: ln(candidates) for an in-batch-negatives
-        loss called with k feature batches of B rows ((k − 1)·B candidates per anchor: the
-        positives and hard negatives of the batch), else the fixed ``plateau``."""
-        if not self.in_batch:
+    @property
+    def in_batch(self) -> bool:
+        """Whether the plateau is ln(in-batch candidates), found per call."""
+        return self.call_plateau is not None
+
+    def plateau_of_call(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any] = _NO_KEYWORDS
+    ) -> float | Tensor | None:
+        """The loss at zero distances for one call (``args``, ``kwargs``): the in-batch
+        plateau of its batch, else the fixed ``plateau``."""
+        if self.call_plateau is None:
             return self.plateau
-        batches = args[0] if args and isinstance(args[0], list | tuple) else ()
-        rows = [_rows(features) for features in batches]
-        if len(rows) < 2 or None in rows or len(set(rows)) != 1:
-            return None
-        anchors = math.log((len(rows) - 1) * rows[0])
-        return (anchors + math.log(rows[0])) / 2 if self.symmetric else anchors
+        return self.call_plateau(args, kwargs)
 
 
 def _rows(features: Any) -> int | None:
@@ -146,6 +279,16 @@ def _rows(features: Any) -> int | None:
         first = next((v for v in features.values() if isinstance(v, Tensor)), None)
         return None if first is None or first.dim() == 0 else int(first.shape[0])
     return None
+
+
+def _default_reduction(loss_fn: torch.nn.Module) -> bool:
+    """Whether a PML loss reduces as its class does by default (its plateau assumes so):
+    its default reducer and no embedding regulariser. Other losses: True."""
+    default = getattr(loss_fn, "get_default_reducer", None)
+    if default is None:
+        return True
+    regularised = getattr(loss_fn, "embedding_regularizer", None) is not None
+    return type(getattr(loss_fn, "reducer", None)) is type(default()) and not regularised
 
 
 def _number(value: Any) -> float | None:
@@ -178,9 +321,11 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
     """
     soft = is_soft_margin(loss_fn)
     name = type(loss_fn).__name__
-    if margin is None and name in IN_BATCH_NEGATIVES_LOSSES:
+    in_batch = IN_BATCH_NEGATIVES_LOSSES.get((type(loss_fn).__module__.split(".")[0], name))
+    if margin is None and in_batch is not None and _default_reduction(loss_fn):
+        plateau, candidates = in_batch
         source = f"{name} (ln of the in-batch candidates)"
-        return MarginSpec(None, None, source, in_batch=True, symmetric="Symmetric" in name)
+        return MarginSpec(None, None, source, call_plateau=plateau, candidates=candidates)
     if margin is None and name in ANGULAR_MARGIN_LOSSES:
         # Their margin is an angle or a cosine offset on class logits, not a distance.
         return MarginSpec(None, None, "")

@@ -407,6 +407,12 @@ class CollapseDetector:
             evidence["probe_mean_pairwise_distance"] = self.probe_distance
             evidence["peak_probe_mean_pairwise_distance"] = self.peak_probe_distance
         state = self.plateau_state
+        # A loss without a margin (in-batch negatives, soft margin) has its plateau only.
+        level, level_name = (
+            ("loss/margin", "the margin")
+            if math.isfinite(margin)
+            else ("loss/plateau", "its plateau")
+        )
         if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
             spread = (
@@ -428,8 +434,9 @@ class CollapseDetector:
             )
             if plateau_known:
                 message = (
-                    f"Collapse at step {step}: loss/margin has been {ratio:.3f} since step "
-                    f"{self.suspect_since} while {spread}, margin {margin:g})."
+                    f"Collapse at step {step}: {level} has been {ratio:.3f} since step "
+                    f"{self.suspect_since} while {spread}"
+                    + (f", margin {margin:g})." if math.isfinite(margin) else ").")
                 )
             else:
                 unknown = "no loss value" if math.isfinite(margin) else "no margin"
@@ -447,9 +454,9 @@ class CollapseDetector:
             if not plateau_known:
                 where = "; the loss plateau is not checked"
             elif suspect:
-                where = " and the loss is at the margin"
+                where = f" and the loss is at {level_name}"
             else:
-                where = f" and the loss is off the margin ({ratio:.3f})"
+                where = f" and the loss is off {level_name} ({ratio:.3f})"
             which, now, peak = (
                 (
                     "the held-out probe's mean pairwise distance",
@@ -472,7 +479,7 @@ class CollapseDetector:
                 message = (
                     f"Recovered at step {step}: the embeddings have spread out again since "
                     f"step {self.clear_since} (mean pairwise distance {distance:.3g}"
-                    + (f", loss/margin {ratio:.3f})." if plateau_known else ").")
+                    + (f", {level} {ratio:.3f})." if plateau_known else ").")
                 )
                 return [Event(step, "recovered", HEALTHY, message, "", evidence)]
             message = (

@@ -130,7 +130,7 @@ class _Record:
     # The spread of embeddings the loss made itself from unreadable arguments (no labels).
     unlabelled: TripletStatistics | None = None
     probe: Tensor | None = None  # (4,) statistics.probe_statistics, on probe steps
-    plateau: float | None = None  # the loss at zero distances for this call (in-batch: ln)
+    plateau: float | Tensor | None = None  # the loss at zero distances for this call
 
 
 EAGER_ELEMENTS = 1 << 18
@@ -169,7 +169,7 @@ class _Batch:
     grams: dict[int, Tensor]
     snapshots: dict[int, tuple[Tensor, Tensor | None]]
     probes: dict[int, Tensor]
-    plateaus: list[float | None]
+    plateaus: list[float | Tensor | None]
     loss_calls: int  # loss calls seen when the batch left the training thread
     ready: torch.cuda.Event | None = None
 
@@ -246,7 +246,7 @@ class Watcher:
         # recorded steps is never missed.
         self._skipped: Tensor | None = None
         self._recording = False  # whether the current loss call is a recorded step
-        self._call_plateau: float | None = None  # the recorded call's plateau
+        self._call_plateau: float | Tensor | None = None  # the recorded call's plateau
         self._records: list[_Record] = []
         self._last_flush = time.monotonic()
         self._last_rank_step: int | None = None
@@ -342,7 +342,7 @@ class Watcher:
         self._in_loss = True
         self._recording = self.cadence.records(step)
         if self._recording:
-            self._call_plateau = self.margin_spec.plateau_of_call(args)
+            self._call_plateau = self.margin_spec.plateau_of_call(args, kwargs)
         if not self._recording:
             if self._self_reporting:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
@@ -622,7 +622,9 @@ class Watcher:
                 if r.snapshot is not None
             },
             probes={i: _to_host(r.probe) for i, r in enumerate(records) if r.probe is not None},
-            plateaus=[r.plateau for r in records],
+            plateaus=[
+                _to_host(r.plateau) if isinstance(r.plateau, Tensor) else r.plateau for r in records
+            ],
             loss_calls=self.step,
         )
         if stacked.device.type == "cuda":
@@ -656,7 +658,7 @@ class Watcher:
             margin=self.margin,
             # In-batch-negatives losses plateau at ln(candidates), which follows each batch.
             plateau=(
-                np.array([math.nan if p is None else p for p in batch.plateaus])
+                np.array([math.nan if p is None else float(p) for p in batch.plateaus])
                 if self.margin_spec.in_batch
                 else self.margin_spec.plateau
             ),
@@ -1210,15 +1212,24 @@ def watch(
     _check_probe(probe, probe_labels, probe_every)
     sinks = make_sinks(log_to)
     margin_spec = find_margin(loss_fn, margin)
+    distance_spec = find_distance(loss_fn, distance)
     if margin_spec.in_batch:
+        measured = f"the {distance_spec.distance.replace('_', ' ')} distance" + (
+            " of the L2-normalised embeddings" if distance_spec.normalize else ""
+        )
+        unseparated = (
+            " and, for a run that has never separated, against 1 (the cosine distance of "
+            "unrelated directions)"
+            if distance_spec.distance == "cosine"
+            else ""
+        )
         warnings.warn(
             f"watch(): {type(loss_fn).__name__} compares each anchor with the batch's other "
-            "rows (in-batch negatives) and has no margin: the margin-relative columns "
-            f"({', '.join(MARGIN_RELATIVE)}) are NaN; loss_margin_ratio is the loss over "
-            "ln(in-batch candidates), its value once every embedding is the same, and the "
-            "plateau is checked there; the spread is measured by cosine and judged against "
-            "the run's own peak and, for a run that has never separated, against 1 (the "
-            "cosine distance of unrelated directions).",
+            f"rows (in-batch negatives: {margin_spec.candidates}) and has no margin: the "
+            f"margin-relative columns ({', '.join(MARGIN_RELATIVE)}) are NaN; "
+            "loss_margin_ratio is the loss over ln(in-batch candidates), its value once "
+            "every embedding is the same, and the plateau is checked there; the spread is "
+            f"measured by {measured} and judged against the run's own peak{unseparated}.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -1238,7 +1249,6 @@ def watch(
             RuntimeWarning,
             stacklevel=2,
         )
-    distance_spec = find_distance(loss_fn, distance)
     rank, world_size = _distributed()
     name = check_run_name(run) if run is not None else _default_run_name(loss_fn)
     if rank == 0:

@@ -489,8 +489,8 @@ class SoftMarginTripletLoss(torch.nn.Module):
         return torch.nn.functional.softplus(embeddings.pow(2).sum(1)).mean()
 
 
-class NTXentLoss(torch.nn.Module):
-    """A loss without a margin."""
+class FastAPLoss(torch.nn.Module):
+    """A loss without a margin (as pytorch-metric-learning's)."""
 
     def forward(self, embeddings, labels):
         return embeddings.pow(2).mean()
@@ -559,12 +559,12 @@ def _warnings_watch_gives(logdir: Path) -> list[str]:
     x, y = torch.randn(12, 8), torch.arange(12) % 3
     linear, net = torch.nn.Linear(8, 4), Net()
     bundled, triplet = cw.losses.BatchHardTripletLoss(margin=0.2), TripletLoss()
-    soft, ntxent, wrapped = SoftMarginTripletLoss(), NTXentLoss(), WrappedOutputLoss()
+    soft, fastap, wrapped = SoftMarginTripletLoss(), FastAPLoss(), WrappedOutputLoss()
     pixels, features = PixelLoss(linear), FeatureLoss()
     cases = [  # (model, loss, one training step's loss, watch options)
         (linear, triplet, lambda: triplet(*linear(x).chunk(3)), {}),
         (linear, soft, lambda: soft(linear(x), y), {}),
-        (linear, ntxent, lambda: ntxent(linear(x), y), {}),
+        (linear, fastap, lambda: fastap(linear(x), y), {}),
         (linear, wrapped, lambda: wrapped(linear(x), y).value, {}),
         (net, bundled, lambda: bundled(net(x)["logits"], y), {}),
         (linear, pixels, lambda: pixels({"pixels": x}), {}),

@@ -552,15 +552,13 @@ def test_in_batch_negatives_plateau_at_ln_of_the_candidates(
 
 
 def test_the_plateau_of_each_in_batch_negatives_call() -> None:
-    from collapsewatch.adapters import MarginSpec
-
     def features(rows: int) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros(rows, 5, dtype=torch.long)}
 
     ranking = find_margin(
         losses.MultipleNegativesRankingLoss.__new__(losses.MultipleNegativesRankingLoss), None
     )
-    assert ranking == MarginSpec(None, None, ranking.source, in_batch=True)
+    assert ranking.in_batch and (ranking.margin, ranking.plateau) == (None, None)
     pairs, triplets = ([features(32)] * 2,), ([features(32)] * 3,)
     assert ranking.plateau_of_call(pairs) == pytest.approx(np.log(32))
     assert ranking.plateau_of_call(triplets) == pytest.approx(np.log(64))  # + hard negatives

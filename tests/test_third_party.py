@@ -41,14 +41,14 @@ ONSET_TOLERANCE = 10
 TRIPLET_COLUMNS = ("frac_hard", "hardest_positive_mean", "hardest_negative_mean")
 
 
-def balanced_batches(seed: int, per_class: int):
+def balanced_batches(seed: int, per_class: int, rows: int = len(LABELS)):
     """Batches of ``per_class`` samples of each of the 10 digits (siamese-triplet's
-    BalancedBatchSampler)."""
+    BalancedBatchSampler), drawn from the first ``rows`` digits."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         index = []
         for digit in range(10):
-            pool = (digit == LABELS).nonzero().flatten()
+            pool = (digit == LABELS[:rows]).nonzero().flatten()
             index.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
         index = torch.cat(index)
         yield IMAGES[index], LABELS[index]
@@ -62,6 +62,7 @@ class Trained:
     path: Path
     warnings: list[str]
     losses: list[float]
+    net: torch.nn.Module
 
     @property
     def verdict(self) -> cw.Verdict:
@@ -86,14 +87,15 @@ def train(
     steps: int,
     per_class: int,
     seed: int = 0,
+    rows: int = len(LABELS),
     **watch_options,
 ) -> Trained:
-    """Train a digits embedder for ``steps`` steps under watch(); ``step`` returns the loss
-    to minimise. Every warning watch() gives is kept."""
+    """Train a digits embedder for ``steps`` steps on the first ``rows`` digits under
+    watch(); ``step`` returns the loss to minimise. Every warning watch() gives is kept."""
     torch.manual_seed(seed)
     net = DigitsEmbedder()
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    batches = balanced_batches(seed, per_class)
+    batches = balanced_batches(seed, per_class, rows)
     losses = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -113,7 +115,7 @@ def train(
                 optimizer.step()
                 losses.append(loss.item())
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    trained = Trained(watcher.path, messages, losses)
+    trained = Trained(watcher.path, messages, losses, net)
     assert_nan_columns_explained(trained)
     return trained
 
@@ -245,7 +247,7 @@ def test_pml_triplet_margin_loss_with_batch_hard_miner(tmp_path):
     assert_healthy(healthy)
 
 
-def test_pml_ntxent_is_watched_without_a_margin(tmp_path):
+def test_pml_ntxent_is_watched_as_in_batch_negatives(tmp_path):
     from pytorch_metric_learning import losses, miners
 
     # NTXent resists collapse on its own; keeping only the hardest pairs breaks it.
@@ -256,11 +258,18 @@ def test_pml_ntxent_is_watched_without_a_margin(tmp_path):
     )
     bundled_loss = cw.losses.BatchHardTripletLoss()
     bundled = train(tmp_path, "bundled", bundled_loss, bundled_step(bundled_loss), **options)
-    assert len(collapsing.warnings) == 1 and "NTXentLoss has no margin" in collapsing.warnings[0]
+    (warning,) = collapsing.warnings  # what is judged, and by what
+    assert "NTXentLoss compares each anchor with the batch's other rows" in warning
+    assert "loss_margin_ratio is the loss over ln(in-batch candidates)" in warning
+    assert "measured by the cosine distance" in warning
     assert_same_onset(collapsing, bundled)
     metrics, run = collapsing.metrics, cw.load_run(collapsing.path)
     assert run.metadata["margin"] is None and run.metadata["distance"] == "cosine"
-    assert metrics["loss_margin_ratio"].isna().all()
+    # BatchHardMiner keeps one positive and one negative per anchor: identical embeddings
+    # cost ln 2 at every step, the plateau the collapsed loss sits on.
+    ratio = metrics["loss_margin_ratio"].to_numpy()
+    assert ratio == pytest.approx((metrics["loss"] / math.log(2)).to_numpy(), rel=1e-6)
+    assert ratio[-10:] == pytest.approx(1.0, abs=1e-3)
     # frac_hard needs no margin: known on every step the difficulty interval picks.
     known = metrics.loc[metrics["frac_hard"].notna(), "step"].tolist()
     interval = run.metadata["difficulty_every"]
@@ -268,12 +277,106 @@ def test_pml_ntxent_is_watched_without_a_margin(tmp_path):
         b - a >= interval for a, b in itertools.pairwise(known[8:])
     )
     for event in collapsing.verdict.events:  # never a margin that the loss does not have
-        assert "margin" not in event.message.replace("no margin", "")
+        assert "margin" not in event.message
         assert "scaled=True" not in event.suggestion
     ntxent = losses.NTXentLoss(temperature=0.07)
     healthy = train(tmp_path, "ntxent-healthy", ntxent, bundled_step(ntxent), lr=0.05, steps=60,
                     per_class=4)  # fmt: skip
     assert_healthy(healthy)
+
+
+def _identical_rows(rows: int) -> torch.Tensor:
+    """``rows`` copies of one random embedding: every pair's similarity is the same."""
+    return torch.randn(1, 8, generator=torch.Generator().manual_seed(rows)).repeat(rows, 1)
+
+
+LABEL_SETS = [
+    [0, 0, 1, 1, 2, 2],
+    [0, 0, 0, 1, 2, 2, 2, 2, 3],  # classes of 3, 1, 4, 1 rows
+    [5, 5, 5, 5, 1],
+    (torch.arange(40) * 7 % 9).tolist(),
+]
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("labels", LABEL_SETS)
+@pytest.mark.parametrize(
+    "miner", [None, "BatchHardMiner", "MultiSimilarityMiner", "TripletMarginMiner"]
+)
+def test_the_in_batch_plateau_is_the_real_loss_of_identical_embeddings(name, labels, miner):
+    """ln(candidates) per call, from the labels (and a miner's pairs) against the PML loss
+    itself evaluated on identical embeddings: NTXent averages ln(1 + the anchor's negatives)
+    over positive pairs, SupCon ln(the anchor's positives + negatives) over anchors."""
+    from pytorch_metric_learning import losses, miners
+
+    loss_fn = getattr(losses, name)()
+    spec = cw.adapters.find_margin(loss_fn, None)
+    assert spec.in_batch and spec.margin is None and spec.plateau is None
+    labels = torch.tensor(labels)
+    mined = None
+    if miner is not None:
+        spread = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1))
+        mined = getattr(miners, miner)()(spread, labels)
+    embeddings = _identical_rows(len(labels))
+    want = loss_fn(embeddings, labels, mined).item()
+    assert want > 0
+    positional = spec.plateau_of_call((embeddings, labels, mined), {})
+    call = {"embeddings": embeddings, "labels": labels, "indices_tuple": mined}
+    keywords = spec.plateau_of_call((), call)
+    assert float(positional) == pytest.approx(want, rel=1e-6)
+    assert float(keywords) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+def test_an_in_batch_call_without_a_plateau(name):
+    from pytorch_metric_learning import losses, reducers
+
+    loss_fn = getattr(losses, name)()
+    spec = cw.adapters.find_margin(loss_fn, None)
+    for labels in ([0, 1, 2, 3], [0, 0, 0]):  # no positive pair, or no negative: loss 0
+        labels = torch.tensor(labels)
+        embeddings = _identical_rows(len(labels))
+        assert loss_fn(embeddings, labels).item() == 0.0
+        assert math.isnan(spec.plateau_of_call((embeddings, labels), {}))
+    # Against reference embeddings, or reduced otherwise: nothing is assumed.
+    embeddings, labels = _identical_rows(6), torch.tensor([0, 0, 1, 1, 2, 2])
+    against = {"ref_emb": embeddings, "ref_labels": labels}
+    assert spec.plateau_of_call((embeddings, labels), against) is None
+    custom = getattr(losses, name)(reducer=reducers.SumReducer())
+    assert not cw.adapters.find_margin(custom, None).in_batch
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("expected", ["collapsed", "healthy"])
+def test_pml_in_batch_negatives_verdict_against_held_out_truth(tmp_path, name, expected):
+    """Collapsed: the batch-hard miner at lr 0.5; healthy: all pairs at lr 0.02. Trained on
+    the first 1500 digits; the truth from the other 297 in eval mode: their mean cosine
+    distance and 5-NN accuracy."""
+    from pytorch_metric_learning import losses, miners
+    from sklearn.neighbors import KNeighborsClassifier
+
+    loss_fn, rows = getattr(losses, name)(), 1500
+    if expected == "collapsed":
+        miner = miners.BatchHardMiner()
+        step = lambda net, x, y: loss_fn(z := net(x), y, miner(z, y))  # noqa: E731
+        options = {"lr": 0.5, "steps": 60, "per_class": 10}
+    else:
+        step, options = bundled_step(loss_fn), {"lr": 0.02, "steps": 80, "per_class": 6}
+    trained = train(tmp_path, name, loss_fn, step, rows=rows, **options)
+    trained.net.eval()
+    with torch.no_grad():
+        fitted, held_out = trained.net(IMAGES[:rows]), trained.net(IMAGES[rows:])
+    cosine = (1 - held_out @ held_out.T).mean().item()
+    knn = KNeighborsClassifier(5).fit(fitted.numpy(), LABELS[:rows].numpy())
+    accuracy = knn.score(held_out.numpy(), LABELS[rows:].numpy())
+    verdict = trained.verdict
+    assert verdict.state == expected, verdict.events
+    if expected == "collapsed":
+        assert cosine < 0.01  # the held-out digits are one point
+        assert trained.metrics["loss_margin_ratio"].iloc[-1] == pytest.approx(1.0, abs=1e-3)
+        assert "loss/plateau has been 1.000" in verdict.events[-1].message
+    else:
+        assert cosine > 0.5 and accuracy > 0.8 and verdict.events == ()
 
 
 # ------------------------------------------------------------- losses that run the model

@@ -56,14 +56,17 @@ MAX_SLIDER_MARKS = 6
 
 @dataclass
 class RunListUpdate:
-    options: list[dict[str, Any]]
+    """The run list's outputs; None leaves one as the page shows it."""
+
+    options: list[dict[str, Any]] | None
     value: list[str] | None  # None: leave the selection alone
-    ready: bool
-    banners: list
-    errors: list
-    count: str
+    ready: bool | None
+    banners: list | None
+    errors: list | None
+    count: str | None
     status: str
-    hint: str = ""
+    hint: str | None = ""
+    fingerprint: str | None = None  # what the page shows after this update
 
 
 def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> list[str]:
@@ -74,14 +77,22 @@ def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> li
 
 
 def run_list_update(
-    cache: RunCache, selected: Sequence[str] | None, ready: bool, now: float | None = None
+    cache: RunCache,
+    selected: Sequence[str] | None,
+    ready: bool,
+    now: float | None = None,
+    shown: str | None = None,
 ) -> RunListUpdate:
     """The run list, banners and error cards for the runs now in the log directory.
 
     The first time readable runs appear, the most recent ones are selected; after that the
-    user's selection is only trimmed of runs whose files went away.
+    user's selection is only trimmed of runs whose files went away. For a sweep (from
+    ``TABLE_MIN_RUNS`` runs) whose listing and selection are those of ``shown`` (the
+    fingerprint of the last update the page got) only the status line is sent; a shorter
+    list is always sent, as its ages ("42 s ago") move on.
     """
     now = time.time() if now is None else now
+    status = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
     listing = cache.run_list()
     present = {e.run_id for e in listing.entries if e.summary is not None}
     selected = [s for s in _as_list(selected) if isinstance(s, str)]
@@ -91,8 +102,14 @@ def run_list_update(
     elif any(s not in present for s in selected):
         value = [s for s in selected if s in present]
     plotted = set(value if value is not None else selected) & present
-    colours = run_colours([e.run_id for e in listing.entries])
     n = len(listing.entries)
+    fingerprint = None
+    if n >= TABLE_MIN_RUNS:
+        # Everything a sweep's update shows follows from these; its options are empty.
+        fingerprint = _digest([listing.version, sorted(plotted), ready])
+        if fingerprint == shown and value is None:
+            return RunListUpdate(None, None, None, None, None, None, status, None, fingerprint)
+    colours = run_colours([e.run_id for e in listing.entries])
     options, hint = [], ""
     if n < TABLE_MIN_RUNS:
         options = [
@@ -107,10 +124,14 @@ def run_list_update(
     if listing.error:
         errors.insert(0, error_card("Cannot read the log directory", None, listing.error))
     count = f"({n})" if n else "(none yet: waiting for runs to appear)"
-    status = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
     return RunListUpdate(
-        options, value, ready, banners(listing.entries), errors, count, status, hint
+        options, value, ready, banners(listing.entries), errors, count, status, hint, fingerprint
     )
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,16 +149,15 @@ class RunTableUpdate:
 
 def run_table_update(cache: RunCache, fingerprint: str | None) -> RunTableUpdate | None:
     """The run table for the runs now listed, or None when the browser already shows it
-    (``fingerprint`` is the digest of the last one sent), so an unchanged sweep costs a
-    poll a digest, not 200 rows over the wire. The listing is the run list's, cached."""
+    (``fingerprint`` is the version of the listing it was made from), so an unchanged
+    sweep costs a poll one string comparison, not 1,000 rows built and sent. The listing
+    is the run list's, cached."""
     listing = cache.run_list()
+    if listing.version == fingerprint:
+        return None
     columns, rows = run_table(listing.entries)
     hidden = len(listing.entries) < TABLE_MIN_RUNS
-    text = json.dumps([columns, rows, hidden], sort_keys=True, separators=(",", ":"))
-    digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-    if digest == fingerprint:
-        return None
-    return RunTableUpdate(columns, rows, hidden, digest)
+    return RunTableUpdate(columns, rows, hidden, listing.version)
 
 
 def table_selection_update(
@@ -359,14 +379,16 @@ def register_callbacks(app: dash.Dash, cache: RunCache, max_points: int) -> None
         Output(ID.RUN_COUNT, "children"),
         Output(ID.STATUS, "children"),
         Output(ID.RUN_HINT, "children"),
+        Output(ID.LIST_FINGERPRINT, "data"),
         Input(ID.INTERVAL, "n_intervals"),
         Input(ID.RUN_LIST, "value"),
         State(ID.SELECTION_READY, "data"),
+        State(ID.LIST_FINGERPRINT, "data"),
     )
-    def _run_list(_n: int, selected: list[str] | None, ready: bool) -> tuple:
-        u = run_list_update(cache, selected, bool(ready))
-        value = _or_no_update(u.value)
-        return u.options, value, u.ready, u.banners, u.errors, u.count, u.status, u.hint
+    def _run_list(_n: int, selected: list[str] | None, ready: bool, shown: str | None) -> tuple:
+        u = run_list_update(cache, selected, bool(ready), shown=shown)
+        shown_now = (u.options, u.value, u.ready, u.banners, u.errors, u.count, u.status, u.hint)
+        return (*map(_or_no_update, shown_now), u.fingerprint)
 
     @app.callback(
         Output(ID.RUN_TABLE, "columns"),

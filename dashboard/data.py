@@ -13,6 +13,8 @@ Decimation lives in :mod:`.decimate`, embedding projections in :mod:`.projection
 from __future__ import annotations
 
 import math
+import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -166,10 +168,16 @@ class RunEntry:
 
 @dataclass(frozen=True)
 class RunListing:
-    """All runs under the log directory at one moment, sorted by run id."""
+    """All runs under the log directory at one moment, sorted by run id.
+
+    ``version`` names the listing's content: a listing read again with nothing changed is
+    the same object with the same version, so a poll compares one string, not 1,000 rows.
+    Versions are random, so a page kept open across a server restart never matches.
+    """
 
     entries: tuple[RunEntry, ...]
     error: str | None = None  # the log directory itself could not be listed
+    version: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def get(self, run_id: str) -> RunEntry | None:
         return next((e for e in self.entries if e.run_id == run_id), None)
@@ -344,12 +352,14 @@ class RunCache:
                     return self._listing
             listing = self._read_listing()
         with self._lock:
+            changed = listing is not self._listing
             self._listing, self._listed_at = listing, self._clock()
-            # Forget runs whose file went away so the cache does not grow without bound.
-            present = {(self.logdir / e.run_id).resolve() for e in listing.entries}
-            for path in [p for p in self._runs if p not in present]:
-                del self._runs[path]
-                self._bases.pop(path, None)
+            if changed:
+                # Forget runs whose file went away so the cache does not grow without bound.
+                present = {(self.logdir / e.run_id).resolve() for e in listing.entries}
+                for path in [p for p in self._runs if p not in present]:
+                    del self._runs[path]
+                    self._bases.pop(path, None)
         return listing
 
     def _listing_is_fresh(self) -> bool:
@@ -358,23 +368,39 @@ class RunCache:
     def _read_listing(self) -> RunListing:
         """Every run's entry; a run whose file (and write-ahead log) has the same size and
         modification time as at the last listing keeps its entry unread, so a poll of a
-        finished 200-run sweep costs 400 ``stat`` calls, not 200 opened databases."""
+        finished 200-run sweep costs 400 ``stat`` calls, not 200 opened databases. When no
+        file changed, came or went, the last listing itself is returned (same version)."""
+        previous = self._listing
         try:
             paths = list_runs(self.logdir)
         except OSError as error:
-            return RunListing((), f"cannot list {str(self.logdir)!r}: {error}")
-        entries, stamps = [], {}
+            message = f"cannot list {str(self.logdir)!r}: {error}"
+            if previous is not None and not previous.entries and previous.error == message:
+                return previous
+            self._entries = {}
+            return RunListing((), message)
+        entries, stamps, changed = [], {}, previous is None or previous.error is not None
+        prefix = f"{self.logdir}{os.sep}"
         for path in paths:
-            run_id = run_id_of(self.logdir, path)
-            stamp = _file_stamp(path)
+            text = str(path)
+            # The id by slicing where the path starts with the logdir as given (run_id_of's
+            # pathlib arithmetic, a third of a 1,000-run poll, only where it does not).
+            if text.startswith(prefix):
+                run_id = text[len(prefix) :].replace(os.sep, "/")
+            else:
+                run_id = run_id_of(self.logdir, path)
+            stamp = _file_stamp(text)
             known = self._entries.get(run_id)
             if stamp is not None and known is not None and known[0] == stamp:
                 entry = known[1]
             else:
-                entry = _read_entry(self.logdir, path, run_id)
+                entry, changed = _read_entry(self.logdir, path, run_id), True
             entries.append(entry)
             stamps[run_id] = (stamp, entry)
+        changed |= stamps.keys() != self._entries.keys()
         self._entries = stamps  # only runs still present: the cache cannot outgrow the logdir
+        if not changed and previous is not None:
+            return previous
         return RunListing(tuple(sorted(entries, key=lambda e: e.run_id)))
 
     # -- one run -------------------------------------------------------------------------
@@ -494,15 +520,15 @@ class RunCache:
         return basis
 
 
-def _file_stamp(path: Path) -> tuple | None:
+def _file_stamp(path: str) -> tuple | None:
     """(size, mtime) of the run file and of its write-ahead log, which a live writer in WAL
     mode appends to without touching the main file; None if the file cannot be stat'ed."""
     try:
-        main = path.stat()
+        main = os.stat(path)
     except OSError:
         return None
     try:
-        wal = path.with_name(path.name + "-wal").stat()
+        wal = os.stat(f"{path}-wal")
         wal_stamp = (wal.st_size, wal.st_mtime_ns)
     except OSError:
         wal_stamp = None

@@ -28,6 +28,7 @@ class ID:
     TABLE_SECTION = "cw-table-section"
     RUN_TABLE = "cw-run-table"
     TABLE_FINGERPRINT = "cw-table-fingerprint"
+    LIST_FINGERPRINT = "cw-list-fingerprint"
     SELECTION_READY = "cw-selection-ready"
     BANNERS = "cw-banners"
     ERRORS = "cw-errors"
@@ -162,6 +163,7 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
             dcc.Store(id=ID.PANEL_STATE, data=None),
             dcc.Store(id=ID.EMBED_STEPS, data=[]),
             dcc.Store(id=ID.TABLE_FINGERPRINT, data=None),
+            dcc.Store(id=ID.LIST_FINGERPRINT, data=None),
         ],
     )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+import pytest
+from collapsewatch.dashboard import create_app
 from collapsewatch.dashboard.callbacks import (
     run_list_update,
     run_table_update,
@@ -13,6 +16,7 @@ from collapsewatch.dashboard.callbacks import (
 )
 from collapsewatch.dashboard.data import RunCache
 from collapsewatch.dashboard.layout import (
+    ID,
     MAX_FAILED_BANNERS,
     RUN_TABLE_COLUMNS,
     TABLE_MIN_RUNS,
@@ -20,6 +24,7 @@ from collapsewatch.dashboard.layout import (
     run_table,
 )
 
+from collapsewatch.store import RunReader, RunWriter
 from tests.dashboard.runs import metrics_frame, write_broken, write_run
 
 
@@ -172,3 +177,120 @@ def test_a_sweep_lists_its_runs_in_the_table_and_counts_banners_beyond_a_few(
     assert update.banners[-1].children.startswith(
         f"… and {failed - MAX_FAILED_BANNERS} more runs collapsed"
     )
+
+
+# -- polls of an unchanged sweep ----------------------------------------------------------
+
+
+def _count_opened_run_files(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    opened: list[Path] = []
+    original = RunReader.__init__
+
+    def spy(self: RunReader, path: str | Path) -> None:
+        opened.append(Path(path))
+        original(self, path)
+
+    monkeypatch.setattr(RunReader, "__init__", spy)
+    return opened
+
+
+def test_a_listing_with_nothing_changed_is_the_same_listing_and_opens_no_file(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        write_run(logdir, f"r{i}", steps=10)
+    cache = RunCache(logdir, list_ttl=0)
+    first = cache.run_list()
+    opened = _count_opened_run_files(monkeypatch)
+    assert cache.run_list() is first and opened == []
+    # A run that grows, a new run and a run that goes away each make a new version.
+    writer = RunWriter(logdir / "live.cwrun", {"margin": 0.2})
+    writer.append_metrics(metrics_frame(range(5)))
+    writer.commit()
+    grown = cache.run_list()
+    assert grown.version != first.version and opened == [logdir / "live.cwrun"]
+    writer.append_metrics(metrics_frame(range(5, 9)))
+    writer.commit()
+    again = cache.run_list()
+    assert again.version != grown.version and again.get("live.cwrun").summary.last_step == 8
+    assert opened == [logdir / "live.cwrun"] * 2
+    writer.close()
+    closed = cache.run_list()
+    (logdir / "r0.cwrun").unlink()
+    removed = cache.run_list()
+    assert removed.version != closed.version and removed.get("r0.cwrun") is None
+    assert cache.run_list() is removed
+
+
+def test_an_unchanged_sweep_poll_sends_the_status_only(logdir: Path) -> None:
+    for i in range(TABLE_MIN_RUNS):
+        write_run(logdir, f"r{i:02d}", steps=10, collapse_at=5 if i < 2 else None)
+    cache = RunCache(logdir, list_ttl=0)
+    first = run_list_update(cache, None, False)
+    assert first.fingerprint is not None and len(first.value) == 4
+    same = run_list_update(cache, first.value, True, shown=first.fingerprint)
+    assert same.fingerprint == first.fingerprint and same.status.startswith("updated")
+    assert [same.options, same.value, same.ready, same.banners, same.errors] == [None] * 5
+    assert same.count is None and same.hint is None
+    # Another selection, or a run file that changed, sends the update again.
+    fewer = run_list_update(cache, first.value[:1], True, shown=first.fingerprint)
+    assert fewer.hint == f"1 of {TABLE_MIN_RUNS} runs plotted: tick them in the run table."
+    write_run(logdir, "late", steps=10, collapse_at=5)
+    grown = run_list_update(cache, first.value, True, shown=first.fingerprint)
+    assert grown.count == f"({TABLE_MIN_RUNS + 1})" and grown.fingerprint != first.fingerprint
+    table = run_table_update(cache, None)
+    assert table is not None and run_table_update(cache, table.fingerprint) is None
+
+
+def test_an_unchanged_sweep_poll_over_http_carries_no_rows(logdir: Path) -> None:
+    for i in range(TABLE_MIN_RUNS):
+        write_run(logdir, f"r{i:02d}", steps=10, collapse_at=5 if i < 2 else None)
+    app = create_app(logdir)
+    client = app.server.test_client()
+    page = {ID.RUN_LIST: None, ID.SELECTION_READY: False, ID.LIST_FINGERPRINT: None}
+    table_print = None
+    sent = []
+    for n in range(3):
+        list_body = _callback_body(
+            app,
+            ID.RUN_LIST + ".options",
+            {
+                (ID.INTERVAL, "n_intervals"): n,
+                (ID.RUN_LIST, "value"): page[ID.RUN_LIST],
+                (ID.SELECTION_READY, "data"): page[ID.SELECTION_READY],
+                (ID.LIST_FINGERPRINT, "data"): page[ID.LIST_FINGERPRINT],
+            },
+        )
+        response = client.post("/_dash-update-component", json=list_body).get_json()["response"]
+        for component, props in response.items():
+            if "value" in props:
+                page[ID.RUN_LIST] = props["value"]
+            page.update({component: props["data"]} if "data" in props else {})
+        table_body = _callback_body(
+            app,
+            ID.RUN_TABLE + ".columns",
+            {(ID.INTERVAL, "n_intervals"): n, (ID.TABLE_FINGERPRINT, "data"): table_print},
+        )
+        table = client.post("/_dash-update-component", json=table_body).get_json()["response"]
+        table_print = table.get(ID.TABLE_FINGERPRINT, {}).get("data", table_print)
+        sent.append((set(response), set(table)))
+    first, *later = sent
+    assert ID.BANNERS in first[0] and ID.RUN_TABLE in first[1]
+    # Dash leaves every output that is no_update out of its answer.
+    assert later == [({ID.STATUS, ID.LIST_FINGERPRINT}, set())] * 2
+
+
+def _callback_body(app: Any, output_part: str, values: dict) -> dict:
+    """The request the page sends for the callback with that output, given its values."""
+    output = next(k for k in app.callback_map if output_part in k)
+    spec = app.callback_map[output]
+    return {
+        "output": output,
+        "outputs": [
+            {"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
+            for part in output.strip(".").split("...")
+        ],
+        "inputs": [{**i, "value": values[(i["id"], i["property"])]} for i in spec["inputs"]],
+        "state": [{**s, "value": values[(s["id"], s["property"])]} for s in spec["state"]],
+        "changedPropIds": [f"{ID.INTERVAL}.n_intervals"],
+    }

@@ -113,7 +113,10 @@ def _listed(app: dash.Dash) -> list[str]:
             {"id": "cw-interval", "property": "n_intervals", "value": 1},
             {"id": "cw-run-list", "property": "value", "value": None},
         ],
-        "state": [{"id": "cw-selection-ready", "property": "data", "value": False}],
+        "state": [
+            {"id": "cw-selection-ready", "property": "data", "value": False},
+            {"id": "cw-list-fingerprint", "property": "data", "value": None},
+        ],
         "changedPropIds": ["cw-interval.n_intervals"],
     }
     response = app.server.test_client().post("/_dash-update-component", json=body)

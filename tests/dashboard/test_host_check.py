@@ -61,7 +61,10 @@ def _callback_body(app) -> dict:
             {"id": "cw-interval", "property": "n_intervals", "value": 1},
             {"id": "cw-run-list", "property": "value", "value": None},
         ],
-        "state": [{"id": "cw-selection-ready", "property": "data", "value": False}],
+        "state": [
+            {"id": "cw-selection-ready", "property": "data", "value": False},
+            {"id": "cw-list-fingerprint", "property": "data", "value": None},
+        ],
         "changedPropIds": ["cw-interval.n_intervals"],
     }
 

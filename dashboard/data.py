@@ -290,6 +290,7 @@ def _with_derived(frame: pd.DataFrame, margin: float | None) -> pd.DataFrame:
 
 @dataclass
 class _Cached:
+    stamp: tuple | None = None  # the file's stamp before the last refresh read it
     generation: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
@@ -306,7 +307,8 @@ class RunCache:
     * The run list (every run's summary) is re-read at most every ``list_ttl`` seconds.
     * Each run's rows are kept in memory; a refresh asks the store only for rows after the
       last step seen (``metrics(since_step=...)``) and events after the last id seen, and
-      happens at most every ``min_refresh`` seconds however many callbacks ask.
+      happens at most every ``min_refresh`` seconds however many callbacks ask, and only
+      if the file's stamp (size and modification time, its write-ahead log's too) moved.
     * Readers are opened per refresh and closed again: Flask serves callbacks from several
       threads and a SQLite connection belongs to the thread that opened it.
 
@@ -422,12 +424,17 @@ class RunCache:
                 self._runs.popitem(last=False)
         with cached.lock:
             if self._clock() - cached.refreshed >= self.min_refresh or cached.metrics is None:
-                try:
-                    self._refresh(path, cached)
-                except RunFileError:
-                    raise
-                except Exception as error:
-                    raise RunFileError(f"{run_id}: {_describe(error)}") from error
+                # A finished run's file is not opened again: a refresh of one that has not
+                # changed still costs 50 ms of opening and empty reads, per run and callback.
+                stamp = _file_stamp(str(path))
+                if cached.metrics is None or stamp is None or stamp != cached.stamp:
+                    try:
+                        self._refresh(path, cached)
+                    except RunFileError:
+                        raise
+                    except Exception as error:
+                        raise RunFileError(f"{run_id}: {_describe(error)}") from error
+                    cached.stamp = stamp
                 cached.refreshed = self._clock()
             assert cached.metrics is not None and cached.events is not None
             return RunView(
@@ -520,18 +527,30 @@ class RunCache:
         return basis
 
 
+SETTLE_SECONDS = 1.0
+"""How long after its last write a file's stamp is trusted to change with the next write:
+file times move only with the kernel's clock tick, and a write-ahead log reused after a
+checkpoint keeps its size, so two commits within one tick can leave the same stamp."""
+
+
 def _file_stamp(path: str) -> tuple | None:
     """(size, mtime) of the run file and of its write-ahead log, which a live writer in WAL
-    mode appends to without touching the main file; None if the file cannot be stat'ed."""
+    mode appends to without touching the main file; None, "read it again next time", if
+    the file cannot be stat'ed or was written less than :data:`SETTLE_SECONDS` ago. Take
+    it before reading the file: a write after the stamp then changes the next one."""
     try:
         main = os.stat(path)
     except OSError:
         return None
+    newest = main.st_mtime_ns
     try:
         wal = os.stat(f"{path}-wal")
-        wal_stamp = (wal.st_size, wal.st_mtime_ns)
+        wal_stamp: tuple | None = (wal.st_size, wal.st_mtime_ns)
+        newest = max(newest, wal.st_mtime_ns)
     except OSError:
         wal_stamp = None
+    if time.time_ns() - newest < SETTLE_SECONDS * 1e9:
+        return None
     return (main.st_size, main.st_mtime_ns, wal_stamp)
 
 

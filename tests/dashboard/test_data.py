@@ -26,6 +26,7 @@ from tests.dashboard.runs import (
     collapsed_event,
     metrics_frame,
     recovered_event,
+    settle,
     warning_event,
     write_broken,
     write_run,
@@ -224,6 +225,37 @@ def test_view_fetches_only_rows_after_the_last_step_seen(
     cache.view("live.cwrun")
     assert calls == [None, 9, 24]
     writer.close()
+
+
+def test_view_of_an_unchanged_run_opens_no_file(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    cache = RunCache(logdir, min_refresh=0.25, clock=clock)
+    writer = RunWriter(logdir / "live.cwrun", {"margin": 0.2})
+    writer.append_metrics(metrics_frame(range(10)))
+    writer.commit()
+    opened: list[Path] = []
+    original = RunReader.__init__
+    monkeypatch.setattr(
+        RunReader, "__init__", lambda self, path: (opened.append(path), original(self, path))[1]
+    )
+    assert cache.view("live.cwrun").last_step == 9 and len(opened) == 1
+    clock.now += 1
+    cache.view("live.cwrun")  # written just now: its stamp may not show the next commit yet
+    assert len(opened) == 2
+    writer.close()
+    settle(logdir)
+    for _ in range(3):
+        clock.now += 1
+        assert cache.view("live.cwrun").last_step == 9
+    assert len(opened) == 3  # read once after it settled, then never opened again
+    frozen = {p: os.stat(p).st_mtime for p in logdir.iterdir()}
+    writer = RunWriter(logdir / "next.cwrun", {"margin": 0.2})  # another file: no effect
+    writer.close()
+    clock.now += 1
+    cache.view("live.cwrun")
+    assert len(opened) == 3 and frozen == {p: os.stat(p).st_mtime for p in frozen}
 
 
 def test_view_rereads_a_replaced_run_file(logdir: Path) -> None:

@@ -25,7 +25,7 @@ from collapsewatch.dashboard.layout import (
 )
 
 from collapsewatch.store import RunReader, RunWriter
-from tests.dashboard.runs import metrics_frame, write_broken, write_run
+from tests.dashboard.runs import metrics_frame, settle, write_broken, write_run
 
 
 def test_flatten_config_joins_nested_keys_and_keeps_cells_json_safe() -> None:
@@ -118,6 +118,10 @@ def test_an_unchanged_run_file_is_not_read_again(logdir: Path) -> None:
     cache = RunCache(logdir, list_ttl=0)
     first = {e.run_id: e for e in cache.run_list().entries}
     again = {e.run_id: e for e in cache.run_list().entries}
+    assert again["a.cwrun"] is not first["a.cwrun"]  # just written: its stamp is not trusted
+    settle(logdir)
+    first = {e.run_id: e for e in cache.run_list().entries}
+    again = {e.run_id: e for e in cache.run_list().entries}
     assert all(again[k] is first[k] for k in first)  # the same objects: nothing re-read
     (logdir / "b.cwrun").unlink()
     write_run(logdir, "b", steps=30, collapse_at=25)
@@ -133,6 +137,7 @@ def test_the_table_is_sent_when_it_changed_and_shown_for_a_sweep(logdir: Path) -
     assert small is not None and small.hidden is True  # few runs: the checklist is enough
     for i in range(TABLE_MIN_RUNS - 1):
         write_run(logdir, f"r{i:02d}", steps=10)
+    settle(logdir)
     sweep = run_table_update(cache, small.fingerprint)
     assert sweep is not None and sweep.hidden is False and len(sweep.rows) == TABLE_MIN_RUNS
     assert run_table_update(cache, sweep.fingerprint) is None  # nothing changed: no rows sent
@@ -199,6 +204,7 @@ def test_a_listing_with_nothing_changed_is_the_same_listing_and_opens_no_file(
 ) -> None:
     for i in range(3):
         write_run(logdir, f"r{i}", steps=10)
+    settle(logdir)
     cache = RunCache(logdir, list_ttl=0)
     first = cache.run_list()
     opened = _count_opened_run_files(monkeypatch)
@@ -215,6 +221,7 @@ def test_a_listing_with_nothing_changed_is_the_same_listing_and_opens_no_file(
     assert again.version != grown.version and again.get("live.cwrun").summary.last_step == 8
     assert opened == [logdir / "live.cwrun"] * 2
     writer.close()
+    settle(logdir)
     closed = cache.run_list()
     (logdir / "r0.cwrun").unlink()
     removed = cache.run_list()
@@ -225,6 +232,7 @@ def test_a_listing_with_nothing_changed_is_the_same_listing_and_opens_no_file(
 def test_an_unchanged_sweep_poll_sends_the_status_only(logdir: Path) -> None:
     for i in range(TABLE_MIN_RUNS):
         write_run(logdir, f"r{i:02d}", steps=10, collapse_at=5 if i < 2 else None)
+    settle(logdir)
     cache = RunCache(logdir, list_ttl=0)
     first = run_list_update(cache, None, False)
     assert first.fingerprint is not None and len(first.value) == 4
@@ -238,6 +246,7 @@ def test_an_unchanged_sweep_poll_sends_the_status_only(logdir: Path) -> None:
     write_run(logdir, "late", steps=10, collapse_at=5)
     grown = run_list_update(cache, first.value, True, shown=first.fingerprint)
     assert grown.count == f"({TABLE_MIN_RUNS + 1})" and grown.fingerprint != first.fingerprint
+    settle(logdir)
     table = run_table_update(cache, None)
     assert table is not None and run_table_update(cache, table.fingerprint) is None
 
@@ -245,6 +254,7 @@ def test_an_unchanged_sweep_poll_sends_the_status_only(logdir: Path) -> None:
 def test_an_unchanged_sweep_poll_over_http_carries_no_rows(logdir: Path) -> None:
     for i in range(TABLE_MIN_RUNS):
         write_run(logdir, f"r{i:02d}", steps=10, collapse_at=5 if i < 2 else None)
+    settle(logdir)
     app = create_app(logdir)
     client = app.server.test_client()
     page = {ID.RUN_LIST: None, ID.SELECTION_READY: False, ID.LIST_FINGERPRINT: None}

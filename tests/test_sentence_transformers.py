@@ -32,7 +32,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import collapsewatch as cw  # noqa: E402
 from collapsewatch.adapters import find_distance, find_margin  # noqa: E402
+from collapsewatch.columns import PROBE_COLUMNS  # noqa: E402
 from collapsewatch.integrations.sentence_transformers import CollapseWatchCallback  # noqa: E402
+from collapsewatch.statistics import probe_statistics  # noqa: E402
 
 Distances = losses.BatchHardTripletLossDistanceFunction
 
@@ -118,7 +120,18 @@ class TripletModel(torch.nn.Module):
         return {"loss": self.loss_fn([features], labels)}
 
 
-def _train(tmp_path, kind, model, loss, dataset, callbacks, steps=STEPS, lr=5e-2, **arguments):
+def _train(
+    tmp_path,
+    kind,
+    model,
+    loss,
+    dataset,
+    callbacks,
+    steps=STEPS,
+    lr=5e-2,
+    eval_dataset=None,
+    **arguments,
+):
     """Train with SentenceTransformerTrainer ("st") or the plain HF Trainer ("hf")."""
     options = {
         "output_dir": str(tmp_path / "out"),
@@ -139,6 +152,7 @@ def _train(tmp_path, kind, model, loss, dataset, callbacks, steps=STEPS, lr=5e-2
             model=model,
             args=SentenceTransformerTrainingArguments(**options),
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             loss=loss,
             callbacks=callbacks,
         )
@@ -152,6 +166,7 @@ def _train(tmp_path, kind, model, loss, dataset, callbacks, steps=STEPS, lr=5e-2
             model=TripletModel(model, loss),
             args=transformers.TrainingArguments(remove_unused_columns=False, **options),
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             data_collator=collate,
             callbacks=callbacks,
         )
@@ -469,6 +484,57 @@ def test_a_probe_sees_the_eval_mode_model_through_the_callback(tmp_path, bert_di
     assert probed["probe_knn_accuracy"].iloc[-1] < probed["probe_knn_accuracy"].max()
     # ... and the verdict says so.
     assert cw.analyze(run).state == "collapsed"
+
+
+@pytest.mark.parametrize("kind", ["st", "hf"])
+def test_the_callback_takes_its_probe_from_the_eval_dataset(tmp_path, bert_dir, digits, kind):
+    # 50 steps of batch-hard: the model in eval mode (BERT's dropout 0.1 off) maps the
+    # held-out sentences together. The probe is the eval dataset's first batch, found by the
+    # callback.
+    loss_class, lr = COLLAPSING
+    model = _sentence_model(bert_dir)
+    held_out = digits.select(range(1700, 1797))
+    callback = CollapseWatchCallback(
+        run=f"eval-probe-{kind}", on_collapse="ignore", every=1, eval_probe=True, probe_every=5
+    )
+    train_rows = digits.select(range(1700))
+    trainer = _train(tmp_path, kind, model, loss_class(model), train_rows, [callback], steps=50,
+                     lr=lr, eval_dataset=held_out, per_device_eval_batch_size=64)  # fmt: skip
+    run = cw.load_run(callback.path)
+    probed = run.metrics.dropna(subset=["probe_mean_pairwise_distance"])
+    assert probed["step"].tolist() == list(range(0, 50, 5))
+    # Step 0's probe: the untrained model in eval mode on the eval loader's first batch, with
+    # its labels: the first 64 held-out rows for the HF Trainer; a seeded shuffle of them,
+    # in a column per text field, for SentenceTransformerTrainer.
+    if kind == "st":
+        features, labels = trainer.collect_features(dict(next(iter(trainer.get_eval_dataloader()))))
+        features = features[0]
+    else:
+        first = held_out.select(range(64))
+        features, labels = model.tokenize(first["sentence"]), torch.tensor(first["label"])
+    fresh = _sentence_model(bert_dir).eval()
+    with torch.no_grad():
+        rows = fresh(features)["sentence_embedding"]
+    want = probe_statistics(rows, labels, run.metadata["distance"])
+    assert probed[list(PROBE_COLUMNS)].iloc[0].tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    # The truth at the end, from the model in eval mode: the held-out sentences are one point
+    # (margin 5); the probe saw it, and the verdict says so.
+    model.eval()
+    embeddings = model.encode(held_out["sentence"], convert_to_tensor=True)
+    assert torch.cdist(embeddings, embeddings).mean() < 0.05
+    spread = probed["probe_mean_pairwise_distance"]
+    assert spread.iloc[-1] < 0.1 * spread.max()
+    assert probed["probe_knn_accuracy"].notna().all()  # the eval batch's labels were taken
+    assert cw.analyze(run).state == "collapsed"
+
+
+def test_an_eval_probe_needs_an_eval_dataset(tmp_path, bert_dir, digits):
+    model = _sentence_model(bert_dir)
+    callback = CollapseWatchCallback(eval_probe=True)
+    with pytest.raises(ValueError, match=r"eval_probe=.*needs the trainer's eval_dataset"):
+        _train(tmp_path, "st", model, HEALTHY[0](model), digits, [callback], steps=1)
+    with pytest.raises(ValueError, match="either eval_probe= or probe="):
+        CollapseWatchCallback(eval_probe=True, probe=torch.zeros(2, 3))
 
 
 def test_a_run_grouping_batches_by_label_is_not_told_to(tmp_path, bert_dir, digits):

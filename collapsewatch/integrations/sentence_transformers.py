@@ -60,6 +60,7 @@ STATE_CODES = {
     RunState.DIVERGED: 3,
 }
 EMBEDDING_KEY = "sentence_embedding"
+LABEL_KEYS = ("labels", "label", "label_ids")  # what the HF Trainer's batches call labels
 
 
 def _is_sentence_transformers(module: torch.nn.Module) -> bool:
@@ -91,6 +92,13 @@ class CollapseWatchCallback(TrainerCallback):
         model: the module that produces the embeddings: None for the model the loss embeds
             with (its ``model`` or ``sentence_embedder``), else the trainer's model; a
             module; or the name of a submodule of the trainer's model.
+        eval_probe: True: the first batch of the trainer's ``eval_dataset`` is the held-out
+            probe (``watch(probe=...)``: evaluated in eval mode under ``no_grad`` every
+            ``probe_every`` steps, its integer ``label`` column as ``probe_labels``); the
+            name of one of a dict of eval datasets picks that one. With a
+            ``SentenceTransformerTrainer`` the probe is the batch's first text column; with
+            the plain HF ``Trainer`` the batch without its labels must be what the watched
+            model takes as its one argument. Size it with ``per_device_eval_batch_size``.
         on_collapse: "stop" ends training (``control.should_training_stop``) at the first
             collapse, with a :class:`~collapsewatch.CollapseWarning`; "rescue" restores the
             last healthy state of the model and the trainer's optimizer and scheduler and
@@ -108,11 +116,15 @@ class CollapseWatchCallback(TrainerCallback):
         loss: str | torch.nn.Module | None = None,
         *,
         model: str | torch.nn.Module | None = None,
+        eval_probe: bool | str = False,
         on_collapse: Any = "warn",
         **watch_options: Any,
     ) -> None:
+        if eval_probe and "probe" in watch_options:
+            raise ValueError("CollapseWatchCallback: pass either eval_probe= or probe=, not both")
         self.loss = loss
         self.model = model
+        self.eval_probe = eval_probe
         self.on_collapse = on_collapse
         self.watch_options = watch_options
         self.watcher: Watcher | None = None
@@ -175,6 +187,43 @@ class CollapseWatchCallback(TrainerCallback):
                 return embedder
         return trainer.model
 
+    def _eval_batch(self, trainer: Trainer) -> tuple[Any, torch.Tensor | None]:
+        """The first batch of the trainer's eval dataset as the watched model takes it, and
+        its (N,) integer labels (None if it has none)."""
+        datasets = trainer.eval_dataset
+        name = self.eval_probe if isinstance(self.eval_probe, str) else None
+        if datasets is None:
+            raise ValueError(
+                "CollapseWatchCallback(eval_probe=...) needs the trainer's eval_dataset"
+            )
+        if isinstance(datasets, dict) and name not in datasets:
+            if name is not None or len(datasets) != 1:
+                raise ValueError(
+                    f"CollapseWatchCallback(eval_probe={self.eval_probe!r}): the trainer's eval "
+                    f"datasets are {', '.join(map(repr, datasets))}; name one: "
+                    "eval_probe='<name>'"
+                )
+            name = next(iter(datasets))
+        # Building the loader sets accelerate's even_batches for evaluation: put it back.
+        even_batches = trainer.accelerator.even_batches
+        try:
+            batch = dict(next(iter(trainer.get_eval_dataloader(name))))
+        finally:
+            trainer.accelerator.even_batches = even_batches
+        batch.pop("dataset_name", None)
+        collect = getattr(trainer, "collect_features", None)
+        if callable(collect):  # SentenceTransformerTrainer: one features dict per text column
+            features, labels = collect(batch)
+            inputs = features[0]
+        else:  # the HF Trainer: the model's inputs, the labels apart
+            labels = next((batch.pop(key) for key in LABEL_KEYS if key in batch), None)
+            inputs = batch
+        rows = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+        integer = isinstance(labels, torch.Tensor) and not labels.is_floating_point()
+        if not (integer and labels.shape == (rows,)):
+            labels = None  # e.g. similarity scores: no classes to take the kNN accuracy over
+        return inputs, labels
+
     def _options(self, loss: torch.nn.Module, model: torch.nn.Module) -> dict[str, Any]:
         """watch()'s margin, distance and embedding as read from the loss and model, with
         where they came from in the run's config; explicit watch options win."""
@@ -223,6 +272,8 @@ class CollapseWatchCallback(TrainerCallback):
             **self._options(loss, model),
             "on_collapse": self._stop if self.on_collapse == "stop" else self.on_collapse,
         }
+        if self.eval_probe:
+            options["probe"], options["probe_labels"] = self._eval_batch(trainer)
         if self.watcher is not None and "run" in self.watch_options:
             # Another train() with this callback continues the run it named.
             options.setdefault("resume", True)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collapsewatch import losses
     from collapsewatch.columns import METRIC_COLUMNS
     from collapsewatch.detect import CollapseDetector, DetectorConfig, Verdict, analyze
+    from collapsewatch.options import WatchOptions
     from collapsewatch.rescue import Rescue
     from collapsewatch.store import Run, RunFileError, RunReader, list_runs, load_run
     from collapsewatch.watch import CollapseError, CollapseWarning, Watcher, watch
@@ -37,6 +38,7 @@ _EXPORTS = {
     "RunFileError": "collapsewatch.store",
     "RunReader": "collapsewatch.store",
     "Verdict": "collapsewatch.detect",
+    "WatchOptions": "collapsewatch.options",
     "Watcher": "collapsewatch.watch",
     "analyze": "collapsewatch.detect",
     "list_runs": "collapsewatch.store",
@@ -56,6 +58,7 @@ __all__ = [
     "RunFileError",
     "RunReader",
     "Verdict",
+    "WatchOptions",
     "Watcher",
     "__version__",
     "analyze",

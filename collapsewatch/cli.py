@@ -16,7 +16,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -333,9 +332,10 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     if not Path(args.logdir).is_dir():
         raise CommandError(f"log directory {args.logdir!r} does not exist")
     from collapsewatch.dashboard import serve
+    from collapsewatch.dashboard_process import exit_with
 
     if args.exit_with is not None:
-        _exit_with(args.exit_with)
+        exit_with(args.exit_with)
     console.print(f"collapsewatch dashboard: http://{escape(args.host)}:{args.port}")
     serve(
         args.logdir,
@@ -345,22 +345,6 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
         allowed_hosts=args.allow_host,
     )
     return 0
-
-
-def _exit_with(pid: int) -> None:
-    """Stop this process as soon as process ``pid`` is gone (however it ended)."""
-
-    def watch_parent() -> None:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:
-                pass  # it exists, owned by someone else
-            time.sleep(1.0)
-
-    threading.Thread(target=watch_parent, name="exit-with-parent", daemon=True).start()
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:

@@ -87,7 +87,7 @@ def test_a_disk_that_fills_and_frees_loses_no_row(small_disk):
         filler = _fill(small_disk)
         _train(loss, model, 60, generator)  # every commit of these fails: disk full
         watcher.flush(wait=True)
-        assert watcher._pending.rows == 60
+        assert watcher._pipeline._pending.rows == 60
         filler.unlink()  # space comes back: the next commit writes the held rows too
         _train(loss, model, 20, generator)
         watcher.close()

@@ -515,8 +515,8 @@ first = cw.watch(DigitsEmbedder(), cw.losses.BatchHardTripletLoss(), logdir=logd
                  dashboard=port)
 second = cw.watch(DigitsEmbedder(), cw.losses.BatchAllTripletLoss(), logdir=logdir,
                   dashboard=port)  # the same server is reused, the URL not printed again
-from collapsewatch.watch import _DASHBOARDS  # the URL is printed once the page answers
-assert [d.announced.wait(120) for d in _DASHBOARDS.values()] == [True]
+from collapsewatch.dashboard_process import RUNNING  # the URL is printed once it answers
+assert [d.announced.wait(120) for d in RUNNING.values()] == [True]
 for _ in range(240):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:

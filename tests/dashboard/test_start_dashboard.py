@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -10,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from collapsewatch import dashboard_process
 from collapsewatch.command import command_name
-from collapsewatch.watch import _DASHBOARDS, _start_dashboard, _stop_dashboards
-
-watch_module = importlib.import_module("collapsewatch.watch")  # the module, not the function
+from collapsewatch.dashboard_process import RUNNING, start_dashboard, stop_dashboards
 
 
 @pytest.fixture
@@ -28,26 +26,26 @@ def busy_port() -> Iterator[int]:
 @pytest.fixture(autouse=True)
 def stopped() -> Iterator[None]:
     yield
-    _stop_dashboards()
+    stop_dashboards()
 
 
 @pytest.mark.slow
 def test_a_busy_port_moves_to_the_next_free_one_and_the_url_comes_once_it_answers(
     logdir: Path, busy_port: int, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    url = _start_dashboard(logdir, busy_port)
+    url = start_dashboard(logdir, busy_port)
     assert url is not None and url != f"http://127.0.0.1:{busy_port}"
     port = int(url.rsplit(":", 1)[1])
     assert port > busy_port
     out = capfd.readouterr().out
     assert f"port {busy_port} is busy; the dashboard uses port {port}" in out
     assert url not in out.replace(f"port {port}", "")  # not announced before it answers
-    (dashboard,) = _DASHBOARDS.values()
+    (dashboard,) = RUNNING.values()
     assert dashboard.announced.wait(120)
     with urllib.request.urlopen(url + "/", timeout=10) as page:
         assert page.status == 200
     assert f"collapsewatch dashboard: {url}\n" in capfd.readouterr().out
-    _stop_dashboards()
+    stop_dashboards()
     assert dashboard.process.wait(timeout=20) is not None
     assert capfd.readouterr().out == (
         "collapsewatch: the dashboard stopped with training; reopen it with:"
@@ -61,9 +59,9 @@ def test_no_free_port_starts_nothing_and_says_how_to_open_it_later(
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch_module, "DASHBOARD_PORTS_TRIED", 1)
-    assert _start_dashboard(logdir, busy_port) is None
-    assert _DASHBOARDS == {}
+    monkeypatch.setattr(dashboard_process, "DASHBOARD_PORTS_TRIED", 1)
+    assert start_dashboard(logdir, busy_port) is None
+    assert RUNNING == {}
     out = capfd.readouterr().out
     assert "no dashboard was started; training goes on" in out
     assert f"{command_name()} dashboard {logdir} --port PORT" in out
@@ -74,8 +72,8 @@ def test_a_dashboard_that_dies_at_start_is_reported_not_raised(
 ) -> None:
     missing = tmp_path / "a file, not a directory"
     missing.write_text("")
-    url = _start_dashboard(missing, 8050)  # the CLI refuses a file as its log directory
-    (dashboard,) = _DASHBOARDS.values()
+    url = start_dashboard(missing, 8050)  # the CLI refuses a file as its log directory
+    (dashboard,) = RUNNING.values()
     dashboard.announcer.join(timeout=120)
     out = capfd.readouterr().out
     assert url is not None and "the dashboard stopped before it answered (exit code" in out

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from collapsewatch.losses.base import TripletLoss
@@ -104,21 +105,82 @@ def _feature_batch_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> lis
     return rows  # type: ignore[return-value]
 
 
-def ranking_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
-    """MultipleNegativesRankingLoss with identical embeddings: every logit equal, so each
-    anchor's cross-entropy is ln((k − 1)·B), k feature batches of B rows (each anchor is
-    scored against the positives and hard negatives of the whole batch)."""
-    rows = _feature_batch_rows(args, kwargs)
-    return None if rows is None else math.log((len(rows) - 1) * rows[0])
+RANKING_CANDIDATES = {
+    "query_to_doc": "each anchor against the batch's positives and hard negatives",
+    "query_to_query": "against the other anchors",
+    "doc_to_query": "each positive against the anchors",
+    "doc_to_doc": "against the other anchors' documents",
+}
+"""What each of MultipleNegativesRankingLoss's ``directions`` scores, for the warning."""
 
 
-def symmetric_ranking_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
-    """The symmetric variant averages the anchors' ln((k − 1)·B) with the positives' ln B
-    (each positive is scored against the B anchors)."""
-    rows = _feature_batch_rows(args, kwargs)
-    if rows is None:
-        return None
-    return (math.log((len(rows) - 1) * rows[0]) + math.log(rows[0])) / 2
+@dataclass(frozen=True)
+class RankingPlateau:
+    """sentence-transformers' MultipleNegativesRankingLoss (v6: any ``directions``,
+    ``partition_mode`` and ``hardness_mode``; its cached and symmetric variants) with
+    identical embeddings, for a call of k feature batches of B rows (W·B with
+    ``gather_across_devices`` over W ranks): every similarity is the same, so a direction's
+    softmax runs over n equal logits, n = (k − 1)·B (query → doc), B − 1 (query → query),
+    B (doc → query), (k − 1)(B − 1) (doc → doc), and costs ln n; a hardness penalty α on
+    P of the query → doc logits makes that n + P(e^α − 1). The loss is ln Σ n over the
+    directions ("joint") or the mean of their ln n ("per_direction")."""
+
+    directions: tuple[str, ...] = ("query_to_doc",)
+    per_direction: bool = False
+    hardness: str | None = None  # hardness_mode, when its strength is > 0
+    strength: float = 0.0
+    gathered: bool = False
+
+    @classmethod
+    def of(cls, loss_fn: torch.nn.Module) -> RankingPlateau | None:
+        """The loss's settings; before sentence-transformers 6 they were its class (the
+        symmetric one: anchors → positives and back, averaged). None when the plateau
+        depends on the embeddings: a hardness penalty on a similarity other than cosine."""
+        symmetric = "Symmetric" in type(loss_fn).__name__
+        default = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+        partition = getattr(loss_fn, "partition_mode", "per_direction" if symmetric else "joint")
+        strength = float(getattr(loss_fn, "hardness_strength", 0.0) or 0.0)
+        hardness = getattr(loss_fn, "hardness_mode", None) if strength > 0 else None
+        similarity = getattr(getattr(loss_fn, "similarity_fct", None), "__name__", None)
+        if hardness is not None and similarity not in _COSINE_SIMILARITIES:
+            return None
+        return cls(
+            tuple(getattr(loss_fn, "directions", default)),
+            partition == "per_direction",
+            hardness,
+            strength,
+            bool(getattr(loss_fn, "gather_across_devices", False)),
+        )
+
+    @property
+    def candidates(self) -> str:
+        return ", ".join(RANKING_CANDIDATES.get(d, d) for d in self.directions)
+
+    def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
+        rows = _feature_batch_rows(args, kwargs)
+        if rows is None:
+            return None
+        k = len(rows)
+        gathered = self.gathered and dist.is_available() and dist.is_initialized()
+        b = rows[0] * (dist.get_world_size() if gathered else 1)
+        sizes = {
+            "query_to_doc": (k - 1) * b,
+            "query_to_query": b - 1,
+            "doc_to_query": b,
+            "doc_to_doc": (k - 1) * (b - 1),
+        }
+        penalised = {
+            "hard_negatives": k - 2,
+            "in_batch_negatives": (k - 1) * (b - 1),
+            "all_negatives": (k - 1) * b - 1,
+        }.get(self.hardness or "", 0)
+        sizes["query_to_doc"] += penalised * math.expm1(self.strength)
+        chosen = [sizes[d] for d in self.directions if d in sizes]
+        if not chosen or min(chosen) <= 0:
+            return None
+        if self.per_direction:
+            return sum(math.log(n) for n in chosen) / len(chosen)
+        return math.log(sum(chosen))
 
 
 PML_CALL = ("embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels")
@@ -193,37 +255,46 @@ def supcon_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor |
     return torch.where(known, value, torch.full_like(value, math.nan))
 
 
-IN_BATCH_NEGATIVES_LOSSES: dict[tuple[str, str], tuple[CallPlateau, str]] = {
-    ("sentence_transformers", "MultipleNegativesRankingLoss"): (
-        ranking_plateau,
-        "each anchor against the batch's positives and hard negatives",
+def _ranking(loss_fn: torch.nn.Module) -> tuple[CallPlateau, str] | None:
+    plateau = RankingPlateau.of(loss_fn)
+    return None if plateau is None else (plateau, plateau.candidates)
+
+
+def _pml(plateau: CallPlateau, candidates: str) -> InBatchFamily:
+    """A PML loss's plateau, as long as it reduces as its class does by default (its
+    default reducer, no embedding regulariser): the plateau assumes so."""
+
+    def read(loss_fn: torch.nn.Module) -> tuple[CallPlateau, str] | None:
+        default = getattr(loss_fn, "get_default_reducer", None)
+        reducer = type(getattr(loss_fn, "reducer", None))
+        regularised = getattr(loss_fn, "embedding_regularizer", None) is not None
+        if default is None or reducer is not type(default()) or regularised:
+            return None
+        return plateau, candidates
+
+    return read
+
+
+InBatchFamily = Callable[[torch.nn.Module], "tuple[CallPlateau, str] | None"]
+
+IN_BATCH_NEGATIVES_LOSSES: dict[tuple[str, str], InBatchFamily] = {
+    ("sentence_transformers", "MultipleNegativesRankingLoss"): _ranking,
+    ("sentence_transformers", "CachedMultipleNegativesRankingLoss"): _ranking,
+    ("sentence_transformers", "MultipleNegativesSymmetricRankingLoss"): _ranking,
+    ("sentence_transformers", "CachedMultipleNegativesSymmetricRankingLoss"): _ranking,
+    ("pytorch_metric_learning", "NTXentLoss"): _pml(
+        ntxent_plateau, "each positive pair against its anchor's negatives, from each call's labels"
     ),
-    ("sentence_transformers", "CachedMultipleNegativesRankingLoss"): (
-        ranking_plateau,
-        "each anchor against the batch's positives and hard negatives",
-    ),
-    ("sentence_transformers", "MultipleNegativesSymmetricRankingLoss"): (
-        symmetric_ranking_plateau,
-        "each anchor against the batch's positives and hard negatives, each positive "
-        "against the anchors",
-    ),
-    ("sentence_transformers", "CachedMultipleNegativesSymmetricRankingLoss"): (
-        symmetric_ranking_plateau,
-        "each anchor against the batch's positives and hard negatives, each positive "
-        "against the anchors",
-    ),
-    ("pytorch_metric_learning", "NTXentLoss"): (
-        ntxent_plateau,
-        "each positive pair against its anchor's negatives, from each call's labels",
-    ),
-    ("pytorch_metric_learning", "SupConLoss"): (
+    ("pytorch_metric_learning", "SupConLoss"): _pml(
         supcon_plateau,
         "each anchor against every other row it is compared with, from each call's labels",
     ),
 }
 """InfoNCE losses: cross-entropy of each anchor over its in-batch candidates, so identical
-embeddings (equal logits) cost exactly ln(candidates), computed per call; with what each
-anchor is scored against."""
+embeddings (equal logits) cost exactly ln(candidates), computed per call. Each entry reads
+the loss's settings into its per-call plateau and what each anchor is scored against (None:
+settings under which the plateau is not known; the loss is then watched margin-free)."""
+
 
 ANGULAR_MARGIN_LOSSES = frozenset(
     {
@@ -281,16 +352,6 @@ def _rows(features: Any) -> int | None:
     return None
 
 
-def _default_reduction(loss_fn: torch.nn.Module) -> bool:
-    """Whether a PML loss reduces as its class does by default (its plateau assumes so):
-    its default reducer and no embedding regulariser. Other losses: True."""
-    default = getattr(loss_fn, "get_default_reducer", None)
-    if default is None:
-        return True
-    regularised = getattr(loss_fn, "embedding_regularizer", None) is not None
-    return type(getattr(loss_fn, "reducer", None)) is type(default()) and not regularised
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, Tensor) and value.numel() == 1:
         value = float(value.detach().cpu())
@@ -321,8 +382,9 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
     """
     soft = is_soft_margin(loss_fn)
     name = type(loss_fn).__name__
-    in_batch = IN_BATCH_NEGATIVES_LOSSES.get((type(loss_fn).__module__.split(".")[0], name))
-    if margin is None and in_batch is not None and _default_reduction(loss_fn):
+    family = IN_BATCH_NEGATIVES_LOSSES.get((type(loss_fn).__module__.split(".")[0], name))
+    in_batch = None if margin is not None or family is None else family(loss_fn)
+    if in_batch is not None:
         plateau, candidates = in_batch
         source = f"{name} (ln of the in-batch candidates)"
         return MarginSpec(None, None, source, call_plateau=plateau, candidates=candidates)

@@ -410,7 +410,7 @@ def test_every_trainer_log_carries_the_latest_recorded_values(tmp_path, bert_dir
     loss_class, _ = HEALTHY
     recorder = Recorder()
     callback = CollapseWatchCallback(run="every-log", every=4)
-    _train(
+    trainer = _train(
         tmp_path,
         "st",
         model,
@@ -425,10 +425,17 @@ def test_every_trainer_log_carries_the_latest_recorded_values(tmp_path, bert_dir
     assert len(logged) == 20
     assert all("collapsewatch/step" in log for log in logged)
     metrics = cw.load_run(callback.watcher.path).metrics.set_index("step")
+    assert metrics.index.tolist() == list(range(0, 20, 4))
     for global_step, log in enumerate(logged, start=1):
+        # After global_step optimizer steps (calls 0 … global_step − 1): the last recorded.
         step = log["collapsewatch/step"]
-        assert step in metrics.index and step <= global_step - 1
+        assert step == max(s for s in metrics.index if s <= global_step - 1)
         assert log["collapsewatch/loss"] == pytest.approx(metrics.loc[step, "loss"])
+    # The trainer's own history holds the same values.
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [(h["collapsewatch/step"], h["collapsewatch/loss"]) for h in history] == [
+        (log["collapsewatch/step"], log["collapsewatch/loss"]) for log in logged
+    ]
 
 
 def test_in_batch_negatives_are_measured_on_what_the_loss_compares(tmp_path, bert_dir, digits):
@@ -636,3 +643,47 @@ def test_the_plateau_of_each_in_batch_negatives_call() -> None:
     )
     assert symmetric.plateau_of_call(triplets) == pytest.approx((np.log(64) + np.log(32)) / 2)
     assert ranking.plateau_of_call(([features(32), features(31)],)) is None  # ragged
+
+
+QUERY, DOC = ("query_to_doc",), ("query_to_doc", "doc_to_query")
+
+
+@pytest.mark.parametrize("feature_batches", [2, 3, 4])
+@pytest.mark.parametrize(
+    "hardness", [None, "in_batch_negatives", "hard_negatives", "all_negatives"]
+)
+@pytest.mark.parametrize(
+    ("directions", "partition"),
+    [
+        (QUERY, "joint"),
+        (QUERY, "per_direction"),
+        (DOC, "joint"),
+        (DOC, "per_direction"),  # MultipleNegativesSymmetricRankingLoss
+        # query → query and doc → doc exclude pools without the positive: joint only.
+        (("query_to_doc", "query_to_query"), "joint"),
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint"),
+    ],
+)
+def test_the_ranking_plateau_is_the_real_loss_of_identical_embeddings(
+    directions, partition, hardness, feature_batches
+) -> None:
+    """Every direction, partition and hardness setting of MultipleNegativesRankingLoss (v6):
+    the per-call plateau against the loss itself on k batches of one repeated embedding."""
+    loss = losses.MultipleNegativesRankingLoss(
+        None,
+        directions=directions,
+        partition_mode=partition,
+        hardness_mode=hardness,
+        hardness_strength=0.0 if hardness is None else 2.0,
+    )
+    spec = find_margin(loss, None)
+    assert spec.in_batch
+    for rows in (3, 8):
+        same = torch.randn(1, 6, generator=torch.Generator().manual_seed(rows)).repeat(rows, 1)
+        want = loss.compute_loss_from_embeddings([same] * feature_batches, None).item()
+        features = [{"input_ids": torch.zeros(rows, 5, dtype=torch.long)}] * feature_batches
+        assert spec.plateau_of_call((features, None), {}) == pytest.approx(want, rel=1e-5)
+    # A hardness penalty on a similarity other than cosine depends on the embeddings' norms:
+    # no plateau is assumed, and the loss is watched without one.
+    loss.similarity_fct = lambda a, b: a @ b.T
+    assert find_margin(loss, None).in_batch == (hardness is None)

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -202,9 +202,45 @@ class Span:
         return max(self.start, last_step if last_step is not None else self.start)
 
 
+class Folds:
+    """Values folded over a run's rows as they are appended, so a poll pays for new rows.
+
+    :meth:`fold` keeps, per key, the state after the most rows folded so far; the rows of
+    one generation of a run only ever grow at the end, so a longer frame of it needs only
+    its new rows added. States are never changed in place (``add`` returns a new one), so
+    one handed out stays valid. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[Hashable, tuple[int, Any]] = {}
+
+    def fold(
+        self,
+        key: Hashable,
+        frame: pd.DataFrame,
+        start: Callable[[], Any],
+        add: Callable[[Any, pd.DataFrame, int], Any],
+    ) -> Any:
+        """``add`` folded over ``frame``'s rows from ``start()``: ``add(state, rows,
+        offset)`` gets the rows from row number ``offset`` on. A frame shorter than the
+        longest folded (an older view) is folded from the start, and not kept."""
+        with self._lock:
+            done, state = self._states.get(key, (0, None))
+        if state is None or done > len(frame):
+            done, state = 0, start()
+        if done < len(frame):
+            state = add(state, frame.iloc[done:], done)
+        with self._lock:
+            if len(frame) >= self._states.get(key, (0, None))[0]:
+                self._states[key] = (len(frame), state)
+        return state
+
+
 @dataclass(frozen=True)
 class RunView:
-    """A run as cached at one moment. The frames are shared: treat them as read-only."""
+    """A run as cached at one moment. The frames are shared: treat them as read-only.
+    ``folds`` carries what callers fold over these rows to the next view of the run."""
 
     run_id: str
     path: Path
@@ -214,6 +250,7 @@ class RunView:
     metrics: pd.DataFrame  # every row, sorted by step, with derived columns added
     events: pd.DataFrame
     snapshot_steps: tuple[int, ...]
+    folds: Folds = field(default_factory=Folds, compare=False)
 
     @property
     def last_step(self) -> int | None:
@@ -297,6 +334,7 @@ class _Cached:
     metrics: pd.DataFrame | None = None
     events: pd.DataFrame | None = None
     snapshot_steps: tuple[int, ...] = ()
+    folds: Folds = field(default_factory=Folds)  # new with every full read of the rows
     refreshed: float = -math.inf
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -446,6 +484,7 @@ class RunCache:
                 metrics=cached.metrics,
                 events=cached.events,
                 snapshot_steps=cached.snapshot_steps,
+                folds=cached.folds,
             )
 
     def _refresh(self, path: Path, cached: _Cached) -> None:
@@ -476,6 +515,7 @@ class RunCache:
                 cached.events = pd.concat([cached.events, new_events], ignore_index=True)
         else:
             cached.metrics, cached.events = new.reset_index(drop=True), new_events
+            cached.folds = Folds()  # other rows, or other columns: fold them afresh
         cached.generation, cached.metadata, cached.columns = generation, metadata, columns
         cached.snapshot_steps = snapshot_steps
 

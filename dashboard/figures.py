@@ -24,7 +24,7 @@ from collapsewatch.columns import healthy_std_of_l2_normalized
 from collapsewatch.states import RunState
 
 from .data import RunView, Span
-from .decimate import decimate_frame
+from .decimate import Extremes, decimate_frame
 from .projection import Projection
 
 TEMPLATE_NAME = "collapsewatch"
@@ -474,26 +474,39 @@ def _series_trace(
     return trace
 
 
+def _off_scale_points(
+    frame: pd.DataFrame, panel: Panel, group: Sequence[Series]
+) -> tuple[tuple[int, str], ...]:
+    """(step, hover text) of each row of ``frame`` where ``group`` is off ``panel``'s scale."""
+    points = []
+    for _, row in frame.loc[_off_scale_rows(frame, panel, group)].iterrows():
+        values = {s.label: float(row[s.column]) for s in group}
+        shown = [
+            f"{label} {value:.3g}"
+            for label, value in values.items()
+            if not math.isnan(value) and not _on_scale(np.array([value]), panel)[0]
+        ]
+        step = int(row["step"])
+        points.append((step, f"off scale at step {step}: " + ", ".join(shown)))
+    return tuple(points)
+
+
 def _off_scale_trace(
     view: RunView, colour: str, panel: Panel, index: int, groups: Sequence[Sequence[Series]]
 ) -> dict | None:
     """✱ on the panel's top edge at each step where a value is non-finite or off scale."""
-    frame = view.metrics
-    steps: list[int] = []
-    text: list[str] = []
+    points: list[tuple[int, str]] = []
     for group in groups:
-        rows = frame.loc[_off_scale_rows(frame, panel, group)]
-        for _, row in rows.iterrows():
-            values = {s.label: float(row[s.column]) for s in group}
-            shown = [
-                f"{label} {value:.3g}"
-                for label, value in values.items()
-                if not math.isnan(value) and not _on_scale(np.array([value]), panel)[0]
-            ]
-            steps.append(int(row["step"]))
-            text.append(f"off scale at step {int(row['step'])}: " + ", ".join(shown))
-    if not steps:
+        points += view.folds.fold(
+            ("off scale", panel.key, tuple(s.column for s in group)),
+            view.metrics,
+            tuple,
+            lambda found, rows, _, group=group: found + _off_scale_points(rows, panel, group),
+        )
+    if not points:
         return None
+    steps = [step for step, _ in points]
+    text = [line for _, line in points]
     return {
         "type": "scatter",
         "mode": "markers",
@@ -668,12 +681,15 @@ def panels_figure(
                 entry["shade"].append(len(data))
                 data.append(_shade_trace(view, base_axis(i), xs, ys))
             entry["open"] = collapsed[-1].end is None
-        measured = _measured(frame)
+        measured = _measured_columns(view)
         for i, panel in enumerate(PANELS):
             groups = _panel_groups(panel, measured)
             for group in groups:
                 columns = [s.column for s in group]
-                rows = decimate_frame(frame, columns, max_points, flagged, event_steps, last)
+                extremes = _extremes(view, columns, max_points)
+                rows = decimate_frame(
+                    frame, columns, max_points, flagged, event_steps, last, extremes
+                )
                 for series in group:
                     entry["traces"][series.column] = len(data)
                     data.append(_series_trace(view, colour, series, data_axis(i), panel, rows))
@@ -709,6 +725,29 @@ def panels_figure(
             }
         )
     return {"data": data, "layout": layout}, trace_map
+
+
+def _measured_columns(view: RunView) -> list[str]:
+    """:func:`_measured` of the view's rows, folded as the run grows."""
+    frame = view.metrics
+    if not len(frame):
+        return _measured(frame)
+    seen = view.folds.fold(
+        "measured", frame, frozenset, lambda found, rows, _: found | set(_measured(rows))
+    )
+    return [c for c in frame.columns if c in seen]
+
+
+def _extremes(view: RunView, columns: Sequence[str], max_points: int) -> Extremes:
+    """The decimation of ``columns`` (all present), folded as the run grows."""
+    return view.folds.fold(
+        ("extremes", tuple(columns), max_points),
+        view.metrics,
+        lambda: Extremes.start(max_points, len(columns)),
+        lambda extremes, rows, offset: extremes.extend(
+            rows["step"].to_numpy(), rows[list(columns)].to_numpy(dtype=float), offset
+        ),
+    )
 
 
 def _shade_trace(view: RunView, axis: str, xs: list, ys: list) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from collapsewatch.dashboard import create_app
 from collapsewatch.dashboard.callbacks import (
@@ -20,10 +21,12 @@ from collapsewatch.dashboard.callbacks import (
 from collapsewatch.dashboard.data import RunCache
 from collapsewatch.dashboard.layout import ID
 
-from collapsewatch.store import RunWriter
+from collapsewatch.store import RunReader, RunWriter
 from tests.dashboard.runs import (
     collapsed_event,
     metrics_frame,
+    recovered_event,
+    settle,
     warning_event,
     write_broken,
     write_run,
@@ -230,6 +233,46 @@ def test_a_long_run_is_rebuilt_once_its_live_tail_outgrows_a_quarter_budget(logd
     for trace in update.figure["data"]:
         assert len(trace["x"]) <= 2 * max_points
     writer.close()
+
+
+def test_panels_of_a_growing_run_equal_panels_from_a_full_read(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decimation, measured columns and off-scale marks folded poll after poll (each
+    paying for its new rows) draw exactly what one read of the whole run draws."""
+    max_points, n = 60, 3000
+    frame = metrics_frame(range(n), collapse_at=1500, recover_at=1900, diverge_at=2700)
+    frame.loc[frame["step"] < 700, "effective_rank"] = np.nan  # a column appearing late
+    writer = RunWriter(logdir / "live.cwrun", {"margin": 0.2, "embedding_dim": 8})
+    live = RunCache(logdir, min_refresh=0)
+    rng = np.random.default_rng(0)
+    state, done, rebuilt = None, 0, 0
+    while done < n:
+        size = int(rng.choice([1, 3, 20, 90, 400]))
+        writer.append_metrics(frame.iloc[done : done + size])
+        events = {1500: collapsed_event(1500), 1900: recovered_event(1900)}
+        writer.append_events([e for s, e in events.items() if done <= s < done + size])
+        writer.commit()
+        done += size
+        update = panels_update(live, ["live.cwrun"], state, max_points)
+        state = update.state or state
+        if update.figure is not None:
+            rebuilt += 1
+            fresh = panels_update(RunCache(logdir), ["live.cwrun"], None, max_points)
+            assert update.figure == fresh.figure
+            assert update.state == fresh.state
+    assert rebuilt >= 10  # the collapse, the recovery, the blow-up, and the tail outgrowing
+    writer.close()
+    # Nothing changed since: the poll sends nothing and opens no file.
+    settle(logdir)
+    panels_update(live, ["live.cwrun"], state, max_points)
+    opened: list[Path] = []
+    original = RunReader.__init__
+    monkeypatch.setattr(
+        RunReader, "__init__", lambda self, path: (opened.append(path), original(self, path))[1]
+    )
+    quiet = panels_update(live, ["live.cwrun"], state, max_points)
+    assert (quiet.figure, quiet.extend, quiet.state, opened) == (None, None, None, [])
 
 
 def test_panels_reject_traversal_ids_with_an_error_card(logdir: Path) -> None:

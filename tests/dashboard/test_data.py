@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from pathlib import Path
@@ -19,7 +20,12 @@ from collapsewatch.dashboard.data import (
     run_id_of,
     state_spans,
 )
-from collapsewatch.dashboard.decimate import decimate_frame, decimate_indices, exact_mask
+from collapsewatch.dashboard.decimate import (
+    Extremes,
+    decimate_frame,
+    decimate_indices,
+    exact_rows,
+)
 
 from collapsewatch.store import RunFileError, RunReader, RunWriter
 from tests.dashboard.runs import (
@@ -329,37 +335,66 @@ def test_decimation_of_100k_rows_is_bounded_and_keeps_extremes() -> None:
     assert np.all(np.diff(keep) > 0)  # sorted, unique
 
 
-def _bucket_extremes_by_loop(steps: np.ndarray, values: np.ndarray, max_points: int) -> set:
-    """The decimation rule spelled out: per equal-width bucket of steps and column, the
-    first row of the smallest and of the largest finite value."""
+def _decimation_by_loop(steps: np.ndarray, values: np.ndarray, max_points: int) -> list[int]:
+    """The decimation rule spelled out: the measured rows (a finite value in some column)
+    if they fit the budget; else, per bucket of the narrowest power-of-two width that fits
+    the steps in max_points // (2k) buckets from the first measured step, and per column,
+    the first row of the smallest and of the largest finite value; and the first and last
+    measured rows."""
     n, k = values.shape
+    measured = [r for r in range(n) if any(math.isfinite(v) for v in values[r])]
+    if len(measured) <= max_points:
+        return measured
     buckets = max(1, max_points // (2 * k))
-    lo, hi = int(steps[0]), int(steps[-1])
+    origin = int(steps[measured[0]])
+    width = 1
+    while (int(steps[measured[-1]]) - origin) // width >= buckets:
+        width *= 2
     members: dict[int, list[int]] = {}
-    for row, step in enumerate(steps.tolist()):
-        b = min(buckets - 1, (step - lo) * buckets // max(hi - lo, 1))
-        members.setdefault(b, []).append(row)
-    keep = {0, n - 1}
+    for row in measured:
+        members.setdefault((int(steps[row]) - origin) // width, []).append(row)
+    keep = {measured[0], measured[-1]}
     for rows in members.values():
         for column in range(k):
             finite = [r for r in rows if math.isfinite(values[r, column])]
             if finite:
                 keep.add(min(finite, key=lambda r: (values[r, column], r)))
                 keep.add(min(finite, key=lambda r: (-values[r, column], r)))
-    return keep
+    return sorted(keep)
+
+
+def _random_series(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    steps = 7 + np.cumsum(rng.integers(1, 5, n))  # uneven logging: unequal rows per bucket
+    values = np.round(rng.normal(0, 1, (n, 3)), 1)  # rounded: many ties inside a bucket
+    values[rng.random((n, 3)) < 0.2] = np.nan
+    values[:3] = np.nan  # the first rows measure nothing
+    values[5, 0], values[7, 1], values[9, 2] = np.inf, -np.inf, -0.0
+    values[1000:3000, 1] = np.nan  # buckets where one column has nothing to keep
+    values[4000:4100] = np.nan  # rows where no column has anything
+    return steps, values
 
 
 def test_decimation_matches_the_rule_spelled_out_as_a_loop() -> None:
-    rng = np.random.default_rng(3)
-    n = 20_000
-    steps = np.cumsum(rng.integers(1, 5, n))  # uneven logging: buckets hold unequal rows
-    values = np.round(rng.normal(0, 1, (n, 3)), 1)  # rounded: many ties inside a bucket
-    values[rng.random((n, 3)) < 0.2] = np.nan
-    values[5, 0], values[7, 1], values[9, 2] = np.inf, -np.inf, -0.0
-    values[1000:3000, 1] = np.nan  # buckets where one column has nothing to keep
-    for max_points in (60, 600, 6000):
+    steps, values = _random_series(3, 20_000)
+    for max_points in (60, 600, 6000, 40_000):
         keep = decimate_indices(steps, values, max_points)
-        assert keep.tolist() == sorted(_bucket_extremes_by_loop(steps, values, max_points))
+        assert keep.tolist() == _decimation_by_loop(steps, values, max_points)
+
+
+def test_extremes_folded_as_rows_arrive_equal_one_fold_over_all_rows() -> None:
+    steps, values = _random_series(4, 20_000)
+    rng = np.random.default_rng(5)
+    for max_points in (60, 600, 6000):
+        whole = Extremes.start(max_points, 3).extend(steps, values, 0)
+        # Polls of any size, from one row to thousands, some with nothing measured.
+        cuts = np.unique(np.r_[0, rng.integers(0, len(steps), 60), 4000, 4050, len(steps)])
+        folded = Extremes.start(max_points, 3)
+        for lo, hi in itertools.pairwise(cuts):
+            folded = folded.extend(steps[lo:hi], values[lo:hi], int(lo))
+        assert folded.kept().tolist() == whole.kept().tolist()
+        assert folded.kept().tolist() == _decimation_by_loop(steps, values, max_points)
+        assert (folded.count, folded.first, folded.last) == (whole.count, whole.first, whole.last)
 
 
 def test_exact_rows_survive_decimation() -> None:
@@ -371,14 +406,23 @@ def test_exact_rows_survive_decimation() -> None:
     assert set(range(30_000, 30_050)) <= set(keep.tolist())
 
 
-def test_exact_mask_keeps_short_spans_whole_and_long_span_ends() -> None:
-    steps = np.arange(10_000)
-    short = exact_mask(steps, [Span(100, 150)], [], 9_999, budget=1000)
-    assert short[100:151].all() and short.sum() == 51
-    long = exact_mask(steps, [Span(1000, None)], [5000], 9_999, budget=1000)
-    assert long[1000:1500].all() and long[9500:].all()
-    assert long[4999:5002].all()  # the event step and its neighbours
-    assert long.sum() == 1000 + 3
+def test_exact_rows_keep_short_spans_whole_and_long_span_ends() -> None:
+    frame = pd.DataFrame({"step": np.arange(10_000), "v": np.arange(10_000.0)})
+    short = exact_rows(frame, ["v"], [Span(100, 150)], [], 9_999, budget=1000)
+    assert short.tolist() == list(range(100, 151))
+    long = exact_rows(frame, ["v"], [Span(1000, None)], [5000], 9_999, budget=1000)
+    # Both ends of the span, and the event step with its neighbours.
+    assert long.tolist() == [*range(1000, 1500), 4999, 5000, 5001, *range(9500, 10_000)]
+    # A column measured every 100th row: the event's neighbours are measured rows.
+    rank = frame.assign(v=np.where(frame["step"] % 100 == 0, 1.0, np.nan))
+    assert exact_rows(rank, ["v"], [], [5050, 0, 9990], None, 1000).tolist() == [
+        0,
+        100,
+        5000,
+        5100,
+        5200,
+        9900,
+    ]
 
 
 def test_decimate_frame_for_a_100k_step_collapsed_run() -> None:

@@ -670,6 +670,7 @@ class RunReader:
         since_step: int | None = None,
         columns: Sequence[str] | None = None,
         until_step: int | None = None,
+        limit: int | None = None,
     ) -> pd.DataFrame:
         """Metric rows with since_step < step ≤ until_step (both optional), by step.
 
@@ -677,6 +678,8 @@ class RunReader:
             since_step: only rows after this step (for polling: pass the last step seen).
             columns: the columns to read (``step`` is always included); default all.
             until_step: only rows up to this step.
+            limit: at most this many rows, the first by step (read a long run in chunks,
+                each well inside :data:`QUERY_TIME_LIMIT`, passing the last step read).
 
         A value that is not a number reads as NaN (a row whose step is not an integer is
         skipped), with one :class:`RunFileWarning`.
@@ -697,7 +700,11 @@ class RunReader:
         sql = f"SELECT {', '.join(map(_quoted, wanted))} FROM metrics"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._query(sql + " ORDER BY step", parameters)
+        sql += " ORDER BY step"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(int(limit))
+        rows = self._query(sql, parameters)
         frame = pd.DataFrame.from_records(rows, columns=wanted)
         steps = self._numbers(frame["step"], "step")
         if steps.isna().any():

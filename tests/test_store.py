@@ -82,6 +82,8 @@ def test_reader_polls_new_rows_and_summarises(tmp_path):
         new = reader.metrics(since_step=2, columns=["loss"])
         assert list(new.columns) == ["step", "loss"] and list(new["step"]) == [3, 4]
         assert list(reader.metrics(until_step=1)["step"]) == [0, 1]
+        assert list(reader.metrics(since_step=0, limit=3)["step"]) == [1, 2, 3]
+        assert list(reader.metrics(since_step=3, until_step=9, limit=3)["step"]) == [4]
         summary = reader.summary()
         assert (summary.recorded_steps, summary.last_step, summary.last_loss) == (5, 4, 2.0)
         assert summary.state == "healthy" and summary.status == "running"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from collapsewatch.dashboard import data
 from collapsewatch.dashboard.data import (
     InvalidRunIdError,
     RunCache,
@@ -194,9 +195,9 @@ def _spy_since_steps(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
     original = RunReader.metrics
 
-    def spy(self, since_step=None, columns=None, until_step=None):
+    def spy(self, since_step=None, columns=None, until_step=None, limit=None):
         calls.append(since_step)
-        return original(self, since_step=since_step, columns=columns, until_step=until_step)
+        return original(self, since_step, columns, until_step, limit)
 
     monkeypatch.setattr(RunReader, "metrics", spy)
     return calls
@@ -262,6 +263,19 @@ def test_view_of_an_unchanged_run_opens_no_file(
     clock.now += 1
     cache.view("live.cwrun")
     assert len(opened) == 3 and frozen == {p: os.stat(p).st_mtime for p in frozen}
+
+
+def test_view_reads_a_long_run_in_chunks_that_add_up_to_it(
+    logdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_run(logdir, "long", steps=np.arange(50) * 3)
+    monkeypatch.setattr(data, "READ_CHUNK", 7)
+    calls = _spy_since_steps(monkeypatch)
+    view = RunCache(logdir).view("long.cwrun")
+    # Each query reads at most 7 rows, from the last step the one before read.
+    assert calls == [None, *range(18, 150, 21)]
+    with RunReader(logdir / "long.cwrun") as reader:
+        pd.testing.assert_frame_equal(view.metrics.drop(columns="reference_rank"), reader.metrics())
 
 
 def test_view_rereads_a_replaced_run_file(logdir: Path) -> None:

@@ -255,6 +255,51 @@ def supcon_plateau(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor |
     return torch.where(known, value, torch.full_like(value, math.nan))
 
 
+@dataclass(frozen=True)
+class SelfSupervisedPlateau:
+    """PML's ``SelfSupervisedLoss(NTXentLoss() or SupConLoss())(embeddings, ref_emb)``
+    (SimCLR, CLIP-style pairs): row i of each is the other's one positive. Symmetric (its
+    default): both as 2N rows labelled 0…N−1 twice, so an anchor has 1 positive and 2N − 2
+    negatives, ln(2N − 1); otherwise each embedding against the N reference rows, ln N."""
+
+    symmetric: bool = True
+
+    def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float | None:
+        bound = {**dict(zip(("embeddings", "ref_emb"), args, strict=False)), **kwargs}
+        embeddings, reference = bound.get("embeddings"), bound.get("ref_emb")
+        if not (
+            _is_embedding(embeddings)
+            and _is_embedding(reference)
+            and embeddings.shape == reference.shape
+        ):
+            return None
+        n = embeddings.shape[0]
+        candidates = 2 * n - 1 if self.symmetric else n
+        return math.log(candidates) if candidates > 1 else None  # one candidate: loss 0
+
+
+def _self_supervised(loss_fn: torch.nn.Module) -> tuple[CallPlateau, str] | None:
+    inner = pml_wrapped(loss_fn)
+    if type(inner).__name__ not in ("NTXentLoss", "SupConLoss") or inner is loss_fn:
+        return None
+    if IN_BATCH_NEGATIVES_LOSSES[("pytorch_metric_learning", type(inner).__name__)](inner) is None:
+        return None
+    symmetric = bool(getattr(loss_fn, "symmetric", True))
+    return SelfSupervisedPlateau(symmetric), (
+        "each embedding against its reference twin and the other rows of both"
+        if symmetric
+        else "each embedding against the reference rows, its twin among them"
+    )
+
+
+def pml_wrapped(loss_fn: torch.nn.Module) -> torch.nn.Module:
+    """The loss PML's ``SelfSupervisedLoss`` computes with (its ``loss``), else ``loss_fn``."""
+    inner = getattr(loss_fn, "loss", None)
+    if type(loss_fn).__name__ == "SelfSupervisedLoss" and isinstance(inner, torch.nn.Module):
+        return inner
+    return loss_fn
+
+
 def _ranking(loss_fn: torch.nn.Module) -> tuple[CallPlateau, str] | None:
     plateau = RankingPlateau.of(loss_fn)
     return None if plateau is None else (plateau, plateau.candidates)
@@ -289,6 +334,7 @@ IN_BATCH_NEGATIVES_LOSSES: dict[tuple[str, str], InBatchFamily] = {
         supcon_plateau,
         "each anchor against every other row it is compared with, from each call's labels",
     ),
+    ("pytorch_metric_learning", "SelfSupervisedLoss"): _self_supervised,
 }
 """InfoNCE losses: cross-entropy of each anchor over its in-batch candidates, so identical
 embeddings (equal logits) cost exactly ln(candidates), computed per call. Each entry reads
@@ -485,7 +531,7 @@ def find_distance(loss_fn: torch.nn.Module, distance: Distance | None) -> Distan
         # In-batch-negatives losses (MultipleNegativesRankingLoss and its variants) compare
         # the rows by cosine similarity: their spread is measured the same way.
         return DistanceSpec("cosine")
-    pml_distance = getattr(loss_fn, "distance", None)
+    pml_distance = getattr(pml_wrapped(loss_fn), "distance", None)
     kind = type(pml_distance).__name__
     if kind == "CosineSimilarity":
         return DistanceSpec("cosine")

@@ -379,6 +379,60 @@ def test_pml_in_batch_negatives_verdict_against_held_out_truth(tmp_path, name, e
         assert cosine > 0.5 and accuracy > 0.8 and verdict.events == ()
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+def test_self_supervised_pairs_plateau_at_ln_of_their_candidates(name, symmetric):
+    """SelfSupervisedLoss (SimCLR / CLIP-style pairs): ln(2N − 1) symmetric, ln N against the
+    reference rows, equal to the loss itself on identical embeddings; measured by cosine."""
+    from pytorch_metric_learning import losses
+
+    loss_fn = losses.SelfSupervisedLoss(getattr(losses, name)(), symmetric=symmetric)
+    spec = cw.adapters.find_margin(loss_fn, None)
+    assert spec.in_batch and cw.adapters.find_distance(loss_fn, None).distance == "cosine"
+    for rows in (2, 8):
+        embeddings = _identical_rows(rows)
+        want = loss_fn(embeddings, embeddings.clone()).item()
+        assert want == pytest.approx(math.log(2 * rows - 1 if symmetric else rows), rel=1e-6)
+        assert spec.plateau_of_call((embeddings, embeddings.clone()), {}) == pytest.approx(want)
+    assert spec.plateau_of_call((_identical_rows(3), _identical_rows(4)), {}) is None
+
+
+@pytest.mark.parametrize(("lr", "expected"), [(2.0, "collapsed"), (0.05, "healthy")])
+def test_self_supervised_ntxent_verdict_against_held_out_truth(tmp_path, lr, expected):
+    """SimCLR on digits: two noisy views of 64 of the first 1500 digits per step; the truth
+    from the other 297 in eval mode (their mean cosine distance)."""
+    from pytorch_metric_learning import losses
+
+    torch.manual_seed(0)
+    net, views = DigitsEmbedder(), torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    loss_fn = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=0.07))
+    with cw.watch(net, loss_fn, logdir=tmp_path, every=1, on_collapse="ignore") as watcher:
+        for _ in range(60):
+            x = IMAGES[torch.randint(0, 1500, (64,), generator=views)]
+            first = net(x + 0.2 * torch.randn(x.shape, generator=views))
+            second = net(x + 0.2 * torch.randn(x.shape, generator=views))
+            loss = loss_fn(first, second)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    metrics = cw.load_run(watcher.path).metrics
+    assert (metrics["batch_size"] == 128).all()  # both views are measured
+    assert metrics["loss_margin_ratio"].to_numpy() == pytest.approx(
+        (metrics["loss"] / math.log(127)).to_numpy(), rel=1e-6
+    )
+    net.eval()
+    with torch.no_grad():
+        held_out = net(IMAGES[1500:])
+    cosine = (1 - held_out @ held_out.T).mean().item()
+    verdict = cw.analyze(watcher.path)
+    assert verdict.state == expected, verdict.events
+    if expected == "collapsed":
+        assert cosine < 0.01 and metrics["loss_margin_ratio"].iloc[-1] == pytest.approx(1, abs=1e-3)
+    else:
+        assert cosine > 0.5 and verdict.events == ()
+
+
 # ------------------------------------------------------------- losses that run the model
 class EmbeddingTripletLoss(torch.nn.Module):
     """A loss called as ``loss(features, labels)`` that embeds the features itself, like

@@ -789,10 +789,22 @@ class RunReader:
             ) from None
         return Snapshot(int(step), embeddings, labels)
 
-    def summary(self) -> RunSummary:
-        """Counts, last values and the detector's current state, without reading all rows."""
+    def summary(self, previous: RunSummary | None = None) -> RunSummary:
+        """Counts, last values and the detector's current state, without reading all rows.
+
+        Counting the rows reads them all (a 1,000,000-row run: 0.1 s on an idle machine);
+        given ``previous``, a summary read earlier of this same run (rows are only ever
+        appended, by step), only the rows after its last step are counted.
+        """
         meta = self.metadata()
-        count, last_step = self._query("SELECT COUNT(*), MAX(step) FROM metrics")[0]
+        if previous is not None and previous.last_step is not None:
+            new, last_step = self._query(
+                "SELECT COUNT(*), MAX(step) FROM metrics WHERE step > ?", (previous.last_step,)
+            )[0]
+            count = previous.recorded_steps + new
+            last_step = previous.last_step if last_step is None else last_step
+        else:
+            count, last_step = self._query("SELECT COUNT(*), MAX(step) FROM metrics")[0]
         last_time = last_loss = None
         if last_step is not None:
             loss = '"loss"' if "loss" in self.metric_columns() else "NULL"

@@ -54,8 +54,11 @@ def create_app(
     if isinstance(logdir, RunCache):
         cache = logdir
     else:
-        # The run list is re-read at most once per two polls, and at least every second.
-        cache = RunCache(logdir, list_ttl=min(1.0, interval_ms / 2000))
+        # The run list is re-read at most once per two polls, and at least every second; a
+        # run's rows likewise, so the callbacks of one poll (panels, embedding controls)
+        # share one refresh even when a poll of a 1,000,000-row run takes half a second.
+        ttl = min(1.0, interval_ms / 2000)
+        cache = RunCache(logdir, list_ttl=ttl, min_refresh=ttl)
     if not cache.logdir.is_dir():
         raise FileNotFoundError(f"log directory {str(cache.logdir)!r} does not exist")
     app = dash.Dash(

@@ -141,21 +141,41 @@ def _digest(value: Any) -> str:
 
 @dataclass
 class RunTableUpdate:
-    columns: list[dict[str, Any]]
-    rows: list[dict[str, Any]]
-    hidden: bool
+    """The run table's outputs; None leaves one as the page shows it."""
+
+    columns: list[dict[str, Any]] | None
+    rows: list[dict[str, Any]] | dash.Patch  # all rows, or the rows that changed
+    hidden: bool | None
     fingerprint: str
 
 
 def run_table_update(cache: RunCache, fingerprint: str | None) -> RunTableUpdate | None:
     """The run table for the runs now listed, or None when the browser already shows it
     (``fingerprint`` is the version of the listing it was made from), so an unchanged
-    sweep costs a poll one string comparison, not 1,000 rows built and sent. The listing
-    is the run list's, cached."""
+    sweep costs a poll one string comparison, not 1,000 rows built and sent. A page that
+    shows the listing before this one gets the changed rows only, as a ``dash.Patch``.
+    The listing is the run list's, cached."""
     listing = cache.run_list()
     if listing.version == fingerprint:
         return None
     columns, rows = run_table(listing.entries)
+    before = cache.listing_before(fingerprint)
+    if before is not None and [e.run_id for e in before.entries] == [
+        e.run_id for e in listing.entries
+    ]:
+        # The page shows the listing before this one: the same runs, some re-read (a
+        # growing run in a 1,000-run sweep). Send their rows alone; unchanged entries are
+        # the same objects, and equal configs give the same columns.
+        changed = [
+            i
+            for i, (old, new) in enumerate(zip(before.entries, listing.entries, strict=True))
+            if old is not new
+        ]
+        if all(before.entries[i].config == listing.entries[i].config for i in changed):
+            patch = dash.Patch()
+            for i in changed:
+                patch[i] = rows[i]
+            return RunTableUpdate(None, patch, None, listing.version)
     hidden = len(listing.entries) < TABLE_MIN_RUNS
     return RunTableUpdate(columns, rows, hidden, listing.version)
 
@@ -402,7 +422,7 @@ def register_callbacks(app: dash.Dash, cache: RunCache, max_points: int) -> None
         u = run_table_update(cache, fingerprint)
         if u is None:
             return (dash.no_update,) * 4
-        return u.columns, u.rows, u.hidden, u.fingerprint
+        return _or_no_update(u.columns), u.rows, _or_no_update(u.hidden), u.fingerprint
 
     # The run list's value stays the one selection; this callback alone writes both ways.
     # Its inputs are not outputs of a callback that reads the value, so there is no cycle.

@@ -147,6 +147,7 @@ class RunEntry:
     onset_step: int | None = None
     final: dict[str, float | None] = field(default_factory=dict)  # FINAL_COLUMNS at last step
     config: dict[str, Any] = field(default_factory=dict)  # what watch(config=...) was given
+    generation: Any = None  # the run's "created" metadata: a new run in the same file differs
 
     @property
     def name(self) -> str:
@@ -369,6 +370,7 @@ class RunCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._listing: RunListing | None = None
+        self._previous: RunListing | None = None  # the listing before self._listing
         self._listed_at = -math.inf
         self._listing_lock = threading.Lock()
         # run id -> (file stamp, entry) as of the last listing: see _read_listing.
@@ -393,6 +395,8 @@ class RunCache:
             listing = self._read_listing()
         with self._lock:
             changed = listing is not self._listing
+            if changed:
+                self._previous = self._listing
             self._listing, self._listed_at = listing, self._clock()
             if changed:
                 # Forget runs whose file went away so the cache does not grow without bound.
@@ -401,6 +405,13 @@ class RunCache:
                     del self._runs[path]
                     self._bases.pop(path, None)
         return listing
+
+    def listing_before(self, version: str | None) -> RunListing | None:
+        """The listing just before the current one, if its version is ``version``: what a
+        page that polled one listing ago shows (to send it only what changed)."""
+        with self._lock:
+            previous = self._previous
+        return previous if previous is not None and previous.version == version else None
 
     def _listing_is_fresh(self) -> bool:
         return self._listing is not None and self._clock() - self._listed_at < self.list_ttl
@@ -434,7 +445,8 @@ class RunCache:
             if stamp is not None and known is not None and known[0] == stamp:
                 entry = known[1]
             else:
-                entry, changed = _read_entry(self.logdir, path, run_id), True
+                earlier = known[1] if known is not None else None
+                entry, changed = _read_entry(self.logdir, path, run_id, earlier), True
             entries.append(entry)
             stamps[run_id] = (stamp, entry)
         changed |= stamps.keys() != self._entries.keys()
@@ -608,12 +620,18 @@ def _file_stamp(path: str) -> tuple | None:
     return (main.st_size, main.st_mtime_ns, wal_stamp)
 
 
-def _read_entry(logdir: Path, path: Path, run_id: str) -> RunEntry:
-    """The run list's entry for one run file, read through the store's reader."""
+def _read_entry(logdir: Path, path: Path, run_id: str, earlier: RunEntry | None = None) -> RunEntry:
+    """The run list's entry for one run file, read through the store's reader; given the
+    ``earlier`` entry of the same run (a growing one), only its new rows are counted."""
     try:
         resolve_run_id(logdir, run_id)
         with RunReader(path) as reader, reader.consistent():
-            summary = reader.summary()
+            metadata = reader.metadata()
+            generation = metadata.get("created")
+            previous = None
+            if earlier is not None and generation is not None and earlier.generation == generation:
+                previous = earlier.summary
+            summary = reader.summary(previous)
             # Events are few; reading them here gives banners their onset and evidence
             # without loading the metrics of a run nobody is plotting.
             alert, onset = None, None
@@ -625,7 +643,7 @@ def _read_entry(logdir: Path, path: Path, run_id: str) -> RunEntry:
                 failed = events[events["state"].isin(("collapsed", "diverged"))]
                 onset = int(failed["step"].iloc[0]) if len(failed) else None
             final = _final_values(reader, summary)
-            config = reader.metadata().get("config")
+            config = metadata.get("config")
         return RunEntry(
             run_id,
             summary=summary,
@@ -633,6 +651,7 @@ def _read_entry(logdir: Path, path: Path, run_id: str) -> RunEntry:
             onset_step=onset,
             final=final,
             config=config if isinstance(config, dict) else {},
+            generation=generation,
         )
     # A broken file must become an error card, never take the app down: reading a corrupt
     # file can fail in sqlite, in JSON decoding of metadata, or in the OS.

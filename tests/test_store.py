@@ -86,6 +86,11 @@ def test_reader_polls_new_rows_and_summarises(tmp_path):
         assert list(reader.metrics(since_step=3, until_step=9, limit=3)["step"]) == [4]
         summary = reader.summary()
         assert (summary.recorded_steps, summary.last_step, summary.last_loss) == (5, 4, 2.0)
+        assert reader.summary(summary) == summary  # nothing new to count
+        writer.append_metrics(pd.DataFrame({"step": [9, 12], "time": [7.0, 8.0], "loss": [3, 4]}))
+        writer.commit()
+        grown = reader.summary(summary)  # counts the rows after step 4 only
+        assert grown == reader.summary() and (grown.recorded_steps, grown.last_step) == (7, 12)
         assert summary.state == "healthy" and summary.status == "running"
         with pytest.raises(KeyError, match="unknown metric columns"):
             reader.metrics(columns=["nope"])

@@ -219,6 +219,7 @@ def test_a_listing_with_nothing_changed_is_the_same_listing_and_opens_no_file(
     writer.commit()
     again = cache.run_list()
     assert again.version != grown.version and again.get("live.cwrun").summary.last_step == 8
+    assert again.get("live.cwrun").summary.recorded_steps == 9  # 5 counted, then the 4 new
     assert opened == [logdir / "live.cwrun"] * 2
     writer.close()
     settle(logdir)
@@ -304,3 +305,40 @@ def _callback_body(app: Any, output_part: str, values: dict) -> dict:
         "state": [{**s, "value": values[(s["id"], s["property"])]} for s in spec["state"]],
         "changedPropIds": [f"{ID.INTERVAL}.n_intervals"],
     }
+
+
+def _patched(rows: list, patch: Any) -> list:
+    """``rows`` as the page holds them after applying a ``dash.Patch`` of item assignments."""
+    rows = list(rows)
+    for operation in patch.to_plotly_json()["operations"]:
+        assert operation["operation"] == "Assign" and len(operation["location"]) == 1
+        rows[operation["location"][0]] = operation["params"]["value"]
+    return rows
+
+
+def test_a_growing_run_in_a_sweep_sends_its_row_alone(logdir: Path) -> None:
+    for i in range(TABLE_MIN_RUNS):
+        write_run(logdir, f"r{i:02d}", steps=10, metadata={"config": {"lr": i / 10}})
+    settle(logdir)
+    writer = RunWriter(logdir / "live.cwrun", {"margin": 0.2, "config": {"lr": 0.5}})
+    writer.append_metrics(metrics_frame(range(5)))
+    writer.commit()
+    cache = RunCache(logdir, list_ttl=0)
+    shown = run_table_update(cache, None)
+    assert shown is not None and isinstance(shown.rows, list)
+    rows, fingerprint = shown.rows, shown.fingerprint
+    for start in (5, 9, 20):
+        writer.append_metrics(metrics_frame(range(start, start + 4), collapse_at=21))
+        writer.commit()
+        update = run_table_update(cache, fingerprint)
+        assert update is not None and update.columns is None and update.hidden is None
+        assert len(update.rows.to_plotly_json()["operations"]) == 1  # the live run's row
+        rows, fingerprint = _patched(rows, update.rows), update.fingerprint
+        # What the page now shows is the table a fresh read makes.
+        assert rows == run_table_update(RunCache(logdir), None).rows
+    assert next(r for r in rows if r["id"] == "live.cwrun")["last_step"] == 23
+    # A run more, or a page that missed a listing: the whole table.
+    write_run(logdir, "late", steps=10)
+    assert isinstance(run_table_update(cache, fingerprint).rows, list)
+    assert isinstance(run_table_update(cache, shown.fingerprint).rows, list)
+    writer.close()

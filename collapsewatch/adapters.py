@@ -47,6 +47,7 @@ class LossCall:
         """Every embedding the loss saw: (N, D), or the 3N rows of explicit triplets."""
         if self.embeddings is not None:
             return self.embeddings
+        # Without labels, the call was an explicit triplet: all three are set.
         return torch.cat([self.anchor, self.positive, self.negative])  # type: ignore[list-item]
 
 

@@ -44,7 +44,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -81,18 +81,30 @@ class DeviceClock:
 
     def seconds(self, start: Mark, end: Mark) -> float | None:
         """Seconds from ``start`` to ``end``; None while the device has not reached ``end``."""
+        # One clock's marks are all perf_counter() floats or all CUDA events (see mark()).
         if not self.cuda:
-            return end - start  # type: ignore[operator]
-        if not end.query():  # type: ignore[union-attr]
+            return end - start  # type: ignore[operator]  # floats here
+        if not end.query():  # type: ignore[union-attr]  # events here
             return None
-        return start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
+        return start.elapsed_time(end) / 1e3  # type: ignore[union-attr, arg-type]  # events
+
+
+def _gaps(clock: DeviceClock, marks: Sequence[Mark]) -> list[float] | None:
+    """Seconds between consecutive marks; None while the device has not reached them."""
+    gaps = []
+    for start, end in itertools.pairwise(marks):
+        gap = clock.seconds(start, end)
+        if gap is None:
+            return None
+        gaps.append(gap)
+    return gaps
 
 
 def check_interval(name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is "auto" or an integer ≥ 1."""
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    if value != "auto" and not (integer and value >= 1):  # type: ignore[operator]
-        raise ValueError(f"{name} must be 'auto' or an integer ≥ 1, got {value!r}")
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise ValueError(f"{name} must be 'auto' or an integer ≥ 1, got {value!r}")
 
 
 def check_overhead(overhead: object) -> None:
@@ -254,15 +266,15 @@ class Cadence:
             return
         plain = clock.seconds(self._cost[0], self._cost[1])
         full = clock.seconds(self._cost[1], self._cost[2])
-        gaps = [clock.seconds(a, b) for a, b in itertools.pairwise(self._first[2:])]
-        if plain is None or full is None or None in gaps:
+        gaps = _gaps(clock, self._first[2:])
+        if plain is None or full is None or gaps is None:
             return  # the device is not there yet: ask again at the next call
         counts = max(full - plain, 0.0)
         if step_seconds is None:
             step_seconds = self.measured.get("step_seconds")
         if step_seconds is None:
             # The first steps counted difficulties: take that cost out of their gaps.
-            step_seconds = max(statistics.median(gaps) - counts, 1e-9)  # type: ignore[type-var]
+            step_seconds = max(statistics.median(gaps) - counts, 1e-9)
             self.measured["step_seconds"] = step_seconds
         self.interval = _interval(counts, self.overhead / 2 * step_seconds, MAX_INTERVAL)
         self.measured["difficulty_seconds"] = counts
@@ -272,7 +284,8 @@ class Cadence:
         if len(self._alternating) <= 2 * RECORDING_PAIRS or len(self._commit) < 2:
             return None  # not timed yet: the commit on the host, then by the writer
         clock = self._clock
-        recorded, skipped = [], []
+        recorded: list[float] = []
+        skipped: list[float] = []
         for (start, was_recorded, timed), (end, _, _) in itertools.pairwise(self._alternating):
             gap = clock.seconds(start, end)
             if gap is None:

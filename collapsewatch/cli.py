@@ -32,7 +32,7 @@ from collapsewatch.detect import Verdict, analyze
 from collapsewatch.states import RunState, display_state
 from collapsewatch.store import Run, RunFileError, RunReader, iter_readable_runs, load_run
 
-STATE_STYLE = {
+STATE_STYLE: dict[str, str] = {  # keyed by RunState, looked up by state strings
     RunState.HEALTHY: "green",
     RunState.WARNING: "yellow",
     RunState.COLLAPSED: "bold red",
@@ -155,7 +155,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in args.runs:
         run = _load(path)
         verdict = analyze(run)
@@ -214,7 +214,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
         entries = list(iter_readable_runs(args.logdir))
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path, reader in entries:
         if isinstance(reader, RunFileError):
             rows.append({"run": path.name, "path": str(path), "error": str(reader)})

@@ -222,6 +222,11 @@ def _streak(since: int | None, holds: bool, step: int) -> int | None:
     return step if since is None else since
 
 
+def _lasted(since: int | None, step: int, steps: int) -> bool:
+    """Whether the streak that began at ``since`` (None: broken now) spans ``steps`` by ``step``."""
+    return since is not None and step - since >= steps
+
+
 def _finite(evidence: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in evidence.items()
@@ -384,10 +389,8 @@ class CollapseDetector:
         self.unseparated_since = _streak(
             self.unseparated_since, self._never_separated(margin), step
         )
-        unseparated = (
-            not (contracted or probe_contracted)
-            and self.unseparated_since is not None
-            and step - self.unseparated_since >= c.window
+        unseparated = not (contracted or probe_contracted) and _lasted(
+            self.unseparated_since, step, c.window
         )
         contracted = contracted or probe_contracted or unseparated
         suspect = contracted and (on_plateau or not plateau_known)
@@ -413,7 +416,7 @@ class CollapseDetector:
             if math.isfinite(margin)
             else ("loss/plateau", "its plateau")
         )
-        if state != COLLAPSED and suspect and step - self.suspect_since >= c.window:
+        if state != COLLAPSED and _lasted(self.suspect_since, step, c.window):
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
             spread = (
                 f"the embeddings have never separated: the mean pairwise distance is "
@@ -447,9 +450,7 @@ class CollapseDetector:
                 )
             evidence["since_step"] = self.suspect_since
             return [Event(step, "collapsed", COLLAPSED, message, self.advice, evidence)]
-        if state == HEALTHY and (
-            suspect or (contracted and step - self.contracted_since >= c.window)
-        ):
+        if state == HEALTHY and (suspect or _lasted(self.contracted_since, step, c.window)):
             self.plateau_state = WARNING
             if not plateau_known:
                 where = "; the loss plateau is not checked"
@@ -472,7 +473,7 @@ class CollapseDetector:
             )
             evidence["since_step"] = self.contracted_since
             return [Event(step, "warning", WARNING, message, self.advice, evidence)]
-        if state != HEALTHY and not contracted and step - self.clear_since >= c.recovery_window:
+        if state != HEALTHY and _lasted(self.clear_since, step, c.recovery_window):
             self.plateau_state = HEALTHY
             evidence["since_step"] = self.clear_since
             if state == COLLAPSED:
@@ -575,7 +576,7 @@ class CollapseDetector:
             back = rank >= c.rank_recovery_fraction * dim
             judged = "no labels, so judged against D"
         self.low_rank_since = _streak(self.low_rank_since, low, step)
-        sustained = self.low_rank_since is not None and step - self.low_rank_since >= c.window
+        sustained = _lasted(self.low_rank_since, step, c.window)
         if not self.low_rank and sustained:
             self.low_rank = True
             message = (
@@ -616,7 +617,7 @@ class CollapseDetector:
         nonfinite = entries > 0 or losses > 0 or variance == math.inf or norm == math.inf
         bad = nonfinite or exploded
         self.sane_since = _streak(self.sane_since, not bad, step)
-        evidence = {
+        evidence: dict[str, Any] = {
             "nonfinite_count": entries,
             "nonfinite_loss_count": losses,
             "embedding_norm_mean": norm,
@@ -640,7 +641,7 @@ class CollapseDetector:
                 )
             message = f"Diverged at step {step}: {cause}."
             return [Event(step, "diverged", DIVERGED, message, SUGGESTIONS["diverged"], evidence)]
-        if self.diverged and not bad and step - self.sane_since >= c.recovery_window:
+        if self.diverged and _lasted(self.sane_since, step, c.recovery_window):
             self.diverged = False
             evidence["since_step"] = self.sane_since
             message = (

@@ -86,7 +86,7 @@ def halve_learning_rate(context: RescueContext) -> str:
     for group in context.optimizer.param_groups:
         group["lr"] = group["lr"] * 0.5
     base = getattr(context.scheduler, "base_lrs", None)
-    if isinstance(base, list):
+    if context.scheduler is not None and isinstance(base, list):
         context.scheduler.base_lrs = [rate * 0.5 for rate in base]
     after = [group["lr"] for group in context.optimizer.param_groups]
     rates = ", ".join(f"{a:.3g} → {b:.3g}" for a, b in zip(before, after, strict=True))
@@ -238,14 +238,14 @@ class Rescue:
         event = self._pending
         healthy = state in (RunState.HEALTHY, RunState.EMPTY)
         restore_to = self._restore_point(event) if event is not None else -1
-        decision = [event is not None, restore_to, healthy]
+        decision = (event is not None, restore_to, healthy)
         if watcher.world_size > 1:
             shared = torch.tensor([float(v) for v in decision], dtype=torch.float64)
             if dist.get_backend() == "nccl":
                 shared = shared.cuda()
             dist.broadcast(shared, src=0)
-            decision = [bool(shared[0]), int(shared[1]), bool(shared[2])]
-        return decision[0], decision[1], decision[2]
+            decision = (bool(shared[0]), int(shared[1]), bool(shared[2]))
+        return decision
 
     def _restore_point(self, event: Event) -> int:
         """The newest healthy copy taken before the collapse began, else the first."""

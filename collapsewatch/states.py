@@ -25,8 +25,10 @@ class RunState(str, Enum):
     # str() and f-strings give the value ("healthy"), on every Python ≥ 3.10, and a member
     # hashes as its value, so tables keyed by members answer lookups by plain strings.
     __str__ = str.__str__
-    __format__ = str.__format__
     __hash__ = str.__hash__
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
 
 DETECTOR_STATES: tuple[RunState, ...] = (

@@ -420,8 +420,8 @@ def derive_metrics(
         for name, value in values.items():
             geometry[name][row] = value
     probe = {name: np.full(len(steps), np.nan) for name in PROBE_COLUMNS}
-    for row, values in (probes or {}).items():
-        for name, value in zip(PROBE_COLUMNS, np.asarray(values, np.float64), strict=True):
+    for row, measured in (probes or {}).items():
+        for name, value in zip(PROBE_COLUMNS, np.asarray(measured, np.float64), strict=True):
             probe[name][row] = value
     columns = {
         **probe,

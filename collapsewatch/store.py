@@ -149,7 +149,7 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def run_path(logdir: str | Path, name: str) -> Path:
+def run_path(logdir: str | os.PathLike[str], name: str) -> Path:
     """The file of run ``name`` in ``logdir``."""
     return Path(logdir) / f"{check_run_name(name)}{RUN_SUFFIX}"
 
@@ -536,7 +536,7 @@ class RunReader:
             read ran past :data:`QUERY_TIME_LIMIT`.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._warned: set[str] = set()
         self._deadline = math.inf
@@ -862,7 +862,7 @@ class Run:
             return reader.snapshot(step)
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a whole run (it may still be being written).
 
     Raises:

@@ -28,7 +28,11 @@ from collapsewatch.store import Event, RunReader, Snapshot
 
 PREFIX = "collapsewatch/"
 _MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
-_WANDB_LEVELS = {RunState.DIVERGED: "ERROR", RunState.COLLAPSED: "ERROR", RunState.WARNING: "WARN"}
+_WANDB_LEVELS: dict[str, str] = {
+    RunState.DIVERGED: "ERROR",
+    RunState.COLLAPSED: "ERROR",
+    RunState.WARNING: "WARN",
+}
 
 
 class SinkError(RuntimeError):

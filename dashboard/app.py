@@ -64,7 +64,9 @@ def create_app(
     app = dash.Dash(
         __name__,
         title="collapsewatch",
-        update_title=None,  # no flickering "Updating..." tab title on every poll
+        # No flickering "Updating..." tab title on every poll; Dash documents None for
+        # that, though its hint says str.
+        update_title=None,  # type: ignore[arg-type]
         assets_folder=str(ASSETS),
         serve_locally=True,  # no CDN: works offline and leaks nothing
         # Explicit, so environment variables cannot switch these on: the MCP endpoint

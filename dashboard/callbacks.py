@@ -214,7 +214,7 @@ class PanelUpdate:
 
 
 def load_views(
-    cache: RunCache, run_ids: Sequence[Any]
+    cache: RunCache, run_ids: Sequence[Any] | None
 ) -> tuple[list[RunView], list[tuple[str, str]]]:
     """Views of the requested runs, and (id, message) for each one that cannot be read."""
     views, problems = [], []

@@ -511,10 +511,8 @@ class RunCache:
                 and columns == cached.columns
             )
             if incremental:
-                last = int(cached.metrics["step"].iloc[-1]) if len(cached.metrics) else None
-                new = _rows_after(reader, last)
-                last_id = int(cached.events["id"].iloc[-1]) if len(cached.events) else None
-                new_events = reader.events(since_id=last_id)
+                new = _rows_after(reader, _last(cached.metrics, "step"))
+                new_events = reader.events(since_id=_last(cached.events, "id"))
             else:  # first read, a replaced file, or a column added mid-run: read it all
                 new, new_events = _rows_after(reader, None), reader.events()
             snapshot_steps = tuple(reader.snapshot_steps())
@@ -547,7 +545,7 @@ class RunCache:
         if step not in view.snapshot_steps:
             raise KeyError(f"run {view.name!r} has no snapshot at step {step}")
         chosen = fit_steps(view.snapshot_steps)
-        key = (view.path, view.generation, int(step), method)
+        key: tuple[Any, ...] = (view.path, view.generation, int(step), method)
         if method == "pca":
             key += (chosen,)
         with self._lock:
@@ -597,6 +595,11 @@ def _rows_after(reader: RunReader, step: int | None) -> pd.DataFrame:
         step = int(chunks[-1]["step"].iloc[-1])
         chunks.append(reader.metrics(since_step=step, limit=READ_CHUNK))
     return chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+
+
+def _last(frame: pd.DataFrame | None, column: str) -> int | None:
+    """The last row's value of an integer column; None for no frame or an empty one."""
+    return int(frame[column].iloc[-1]) if frame is not None and len(frame) else None
 
 
 def _file_stamp(path: str) -> tuple | None:

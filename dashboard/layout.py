@@ -9,7 +9,8 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dash import dash_table, dcc, html
+from dash import dcc, html
+from dash.dash_table.DataTable import DataTable  # dash.dash_table's own module is untyped
 
 from collapsewatch.states import RunState
 
@@ -89,7 +90,7 @@ STEP_KEYS = frozenset({"peak_step", "since_step", "embedding_dim", "nonfinite_co
 def build_layout(logdir: str, interval_ms: int) -> html.Div:
     """The whole page; every data-bearing part starts empty and is filled by callbacks."""
     empty_figure, _ = panels_figure([], {}, 1, height=PANELS_HEIGHT)
-    graph_config = {"displaylogo": False, "responsive": True}
+    graph_config: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
     return html.Div(
         className="cw-page",
         children=[
@@ -168,14 +169,14 @@ def build_layout(logdir: str, interval_ms: int) -> html.Div:
     )
 
 
-def _data_table(**props: Any) -> dash_table.DataTable:
+def _data_table(**props: Any) -> DataTable:
     # Dash 4 warns that DataTable will leave its built-in components some day; it is still
     # built in and needs no new dependency, which is why it was chosen. Hide that one note.
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", r"\s*The dash_table.DataTable will be removed", DeprecationWarning
         )
-        return dash_table.DataTable(**props)
+        return DataTable(**props)
 
 
 def _table_section() -> html.Details:
@@ -223,7 +224,7 @@ def _table_section() -> html.Details:
     )
 
 
-def _embedding_card(graph_config: dict[str, Any]) -> html.Section:
+def _embedding_card(graph_config: dcc.Graph.Config) -> html.Section:
     return html.Section(
         className="cw-card cw-embedding-card",
         children=[
@@ -288,12 +289,21 @@ def _embedding_card(graph_config: dict[str, Any]) -> html.Section:
 # ---------------------------------------------------------------------------------------
 
 
+# HTML attributes whose names are not Python identifiers go to a component as **kwargs.
+ARIA_HIDDEN: dict[str, Any] = {"aria-hidden": "true"}  # decoration a screen reader skips
+
+
+def _data_attributes(**values: str) -> dict[str, Any]:
+    """``data-*`` attributes (``run=...`` → ``data-run``), which the tests and CSS select."""
+    return {f"data-{name}": value for name, value in values.items()}
+
+
 def state_badge(state: str) -> html.Span:
     """A run state as symbol + word on a tinted background: never colour alone."""
     return html.Span(
-        [html.Span(STATE_SYMBOLS.get(state, "?"), **{"aria-hidden": "true"}), f" {state}"],
+        [html.Span(STATE_SYMBOLS.get(state, "?"), **ARIA_HIDDEN), f" {state}"],
         className=f"cw-badge cw-badge-{state}",
-        **{"data-state": state},
+        **_data_attributes(state=state),
     )
 
 
@@ -371,7 +381,7 @@ def run_option(entry: RunEntry, colour: str | None, now: float) -> dict[str, Any
             [head, detail],
             className=f"cw-run cw-run-{state}",
             title=entry.run_id,
-            **{"data-run": entry.run_id, "data-state": state},
+            **_data_attributes(run=entry.run_id, state=state),
         ),
         "value": entry.run_id,
         "disabled": summary is None,
@@ -411,7 +421,7 @@ def banner(entry: RunEntry) -> html.Div:
         html.Span(
             f" {title.lower()} at step {onset:,}" if onset is not None else f" {title.lower()}",
             className="cw-banner-onset",
-            **{"data-onset": "" if onset is None else str(onset)},
+            **_data_attributes(onset="" if onset is None else str(onset)),
         ),
     ]
     children: list[Any] = [html.Div(heading, className="cw-banner-head")]
@@ -427,7 +437,7 @@ def banner(entry: RunEntry) -> html.Div:
     return html.Div(
         children,
         className=f"cw-banner cw-banner-{state}",
-        **{"data-run": entry.run_id, "data-state": state},
+        **_data_attributes(run=entry.run_id, state=state),
     )
 
 
@@ -441,7 +451,9 @@ def banners(entries: Iterable[RunEntry], limit: int = MAX_FAILED_BANNERS) -> lis
     flagged = failed + warned
     if len(flagged) <= limit:
         return [banner(e) for e in flagged]
-    recent = sorted(flagged, key=lambda e: e.summary.last_time or 0, reverse=True)[:limit]
+    recent = sorted(flagged, key=lambda e: (e.summary and e.summary.last_time) or 0, reverse=True)[
+        :limit
+    ]
     shown = [e for e in flagged if e in recent]  # failed first, each group by run id
     rest = len(flagged) - limit
     more = html.Div(
@@ -532,7 +544,7 @@ def error_card(title: str, run_id: str | None, message: str) -> html.Div:
     return html.Div(
         [html.Div(children), html.P(message, className="cw-error-message")],
         className="cw-error-card",
-        **{"data-run": run_id or ""},
+        **_data_attributes(run=run_id or ""),
     )
 
 
@@ -556,7 +568,7 @@ def events_table(views: Sequence[RunView], limit: int = 50) -> html.Table | html
                             event_style(kind)[1],
                             style={"color": event_style(kind)[2]},
                             className="cw-event-glyph",
-                            **{"aria-hidden": "true"},
+                            **ARIA_HIDDEN,
                         ),
                         f" {kind.replace('_', ' ')}",
                     ],

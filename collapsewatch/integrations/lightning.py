@@ -16,8 +16,9 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package name
     try:
-        from pytorch_lightning import LightningModule, Trainer
-        from pytorch_lightning.callbacks import Callback
+        # The same classes under the standalone package's name.
+        from pytorch_lightning import LightningModule, Trainer  # type: ignore[assignment]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
     except ImportError:
         raise ImportError(
             "collapsewatch.integrations.lightning needs PyTorch Lightning: pip install lightning"

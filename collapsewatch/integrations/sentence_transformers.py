@@ -26,6 +26,7 @@ import operator
 import sys
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from collapsewatch.watch import CollapseWarning, Watcher, watch
 
 PREFIX = "collapsewatch/"
 # Numeric codes for trackers that plot numbers only; "empty" (nothing judged yet) is -1.
-STATE_CODES = {
+STATE_CODES: dict[str, int] = {
     RunState.EMPTY: -1,
     RunState.HEALTHY: 0,
     RunState.WARNING: 1,
@@ -72,13 +73,20 @@ def _calling(cls: type) -> Any:
 
     Callbacks are not given their trainer; ``train()`` is on the stack whenever one is called.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, cls):
             return candidate
         frame = frame.f_back
     return None
+
+
+def _model(trainer: Trainer) -> torch.nn.Module:
+    """The model a trainer trains (a Trainer is never built without one)."""
+    if trainer.model is None:
+        raise ValueError("CollapseWatchCallback: the trainer has no model")
+    return trainer.model
 
 
 class CollapseWatchCallback(TrainerCallback):
@@ -163,7 +171,7 @@ class CollapseWatchCallback(TrainerCallback):
             return own
         losses = [
             module
-            for name, module in trainer.model.named_modules()
+            for name, module in _model(trainer).named_modules()
             if name and type(module).__name__.endswith("Loss")
         ]
         if len(losses) != 1:
@@ -179,13 +187,13 @@ class CollapseWatchCallback(TrainerCallback):
         if isinstance(self.model, torch.nn.Module):
             return self.model
         if isinstance(self.model, str):
-            return trainer.model.get_submodule(self.model)
+            return _model(trainer).get_submodule(self.model)
         for name in ("model", "sentence_embedder"):
             # sentence-transformers losses embed their inputs with the model they hold.
             embedder = getattr(loss, name, None)
             if isinstance(embedder, torch.nn.Module):
                 return embedder
-        return trainer.model
+        return _model(trainer)
 
     def _eval_batch(self, trainer: Trainer) -> tuple[Any, torch.Tensor | None]:
         """The first batch of the trainer's eval dataset as the watched model takes it, and
@@ -268,7 +276,8 @@ class CollapseWatchCallback(TrainerCallback):
         loss = self._find_loss(trainer)
         model = self._find_model(trainer, loss)
         options = {
-            "logdir": Path(args.output_dir) / "collapsewatch",
+            # TrainingArguments replaces a None output_dir with "trainer_output".
+            "logdir": Path(args.output_dir) / "collapsewatch",  # type: ignore[arg-type]
             **self._options(loss, model),
             "on_collapse": self._stop if self.on_collapse == "stop" else self.on_collapse,
         }

@@ -7,7 +7,7 @@ distances as float32 training.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ def check_distance(distance: str) -> Distance:
         raise ValueError(
             f"distance must be one of {', '.join(map(repr, DISTANCES))}; got {distance!r}"
         )
-    return distance  # type: ignore[return-value]
+    return distance  # type: ignore[return-value]  # checked against the Literal's values
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +96,8 @@ class _ScaledSqrt(torch.autograd.Function):
         return root
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # ctx is torch's backward node (FunctionCtx, as typed, has no saved_tensors).
         root, scale = ctx.saved_tensors
         # grad·(s/2)/root first: grad/root alone underflows for the scaled variant's tiny
         # gradients at |x| ~1e25, and s² would overflow.

@@ -393,11 +393,13 @@ class _LabelledBatch:
         with torch.no_grad():
             n = self.labels.shape[0]
             anchors = self.anchor_sampler.sample(n, self.distances.device)
-            rows = (self.distances.detach(), self.positive, self.negative)
+            distances, positive, negative = self.distances.detach(), self.positive, self.negative
             total = self.num_valid_triplets.to(torch.float64)
             weight = None
             if anchors is not None:
-                rows = tuple(t.index_select(0, anchors) for t in rows)
+                distances, positive, negative = (
+                    t.index_select(0, anchors) for t in (distances, positive, negative)
+                )
                 sizes = self.class_size.index_select(0, anchors)
                 weight = total / ((sizes - 1) * (n - sizes)).sum().clamp_min(1)
 
@@ -405,9 +407,13 @@ class _LabelledBatch:
                 count = count.to(torch.float64)
                 return count if weight is None else count * weight
 
-            num_hard = estimate(_sorted_rows(*rows, 0.0).count_below_positives())
+            num_hard = estimate(
+                _sorted_rows(distances, positive, negative, 0.0).count_below_positives()
+            )
             if below_margin is None:
-                below_margin = estimate(_sorted_rows(*rows, margin).count_below_positives())
+                below_margin = estimate(
+                    _sorted_rows(distances, positive, negative, margin).count_below_positives()
+                )
             below_margin = below_margin.to(torch.float64)
         return total - below_margin, below_margin - num_hard, num_hard
 
@@ -503,6 +509,7 @@ def _batch_all(
     loss = (total / num_positive_loss.clamp_min(1)).to(distances.dtype)
     if not with_statistics:
         return loss, None
+    assert hardest_negative is not None  # computed above whenever statistics are asked for
     with torch.no_grad():
         # Unscaled, the loss's own threshold d_ap + m is the semi-hard boundary.
         if with_difficulty:
@@ -563,11 +570,12 @@ def _empty_batch(
     dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     attached = embeddings.sum().to(dtype)
     loss = torch.where(torch.zeros((), dtype=torch.bool, device=embeddings.device), attached, 0.0)
-    stats = None
-    if with_statistics:
-        zeros = torch.zeros(len(STATISTIC_FIELDS), dtype=torch.float64, device=embeddings.device)
-        stats = TripletStatistics(zeros)
-    return loss, stats
+    return loss, _zero_statistics(embeddings.device) if with_statistics else None
+
+
+def _zero_statistics(device: torch.device) -> TripletStatistics:
+    """The statistics of a batch of fewer than two embeddings: every sum and count is 0."""
+    return TripletStatistics(torch.zeros(len(STATISTIC_FIELDS), dtype=torch.float64, device=device))
 
 
 def _loss_or_pair(
@@ -590,6 +598,7 @@ def _loss_or_pair(
         with_statistics=return_statistics,
         check_finite=check_finite,
     )
+    # stats is None exactly when they were not asked for.
     return (loss, stats) if return_statistics else loss  # type: ignore[return-value]
 
 
@@ -730,7 +739,7 @@ def triplet_statistics(
     check_distance(distance)
     with torch.no_grad():
         if embeddings.shape[0] < 2:
-            return _empty_batch(embeddings, with_statistics=True)[1]  # type: ignore[return-value]
+            return _zero_statistics(embeddings.device)
         if not with_difficulty:
             return _spread_statistics(embeddings.detach(), labels, distance)
         batch = _LabelledBatch.build(embeddings.detach(), labels, distance, anchor_sampler)

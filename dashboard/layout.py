@@ -441,6 +441,11 @@ def banner(entry: RunEntry) -> html.Div:
     )
 
 
+def _last_update(entry: RunEntry) -> float:
+    """When the run last wrote a row (0 for a run not yet read)."""
+    return (entry.summary.last_time if entry.summary else None) or 0.0
+
+
 def banners(entries: Iterable[RunEntry], limit: int = MAX_FAILED_BANNERS) -> list[html.Div]:
     """A banner for every diverged or collapsed run, then a smaller one for every run in
     warning; in a sweep with more than ``limit`` such runs, the most recently updated
@@ -451,9 +456,7 @@ def banners(entries: Iterable[RunEntry], limit: int = MAX_FAILED_BANNERS) -> lis
     flagged = failed + warned
     if len(flagged) <= limit:
         return [banner(e) for e in flagged]
-    recent = sorted(flagged, key=lambda e: (e.summary and e.summary.last_time) or 0, reverse=True)[
-        :limit
-    ]
+    recent = sorted(flagged, key=_last_update, reverse=True)[:limit]
     shown = [e for e in flagged if e in recent]  # failed first, each group by run id
     rest = len(flagged) - limit
     more = html.Div(

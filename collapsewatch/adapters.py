@@ -18,7 +18,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -43,19 +43,24 @@ class LossCall:
     def is_labelled(self) -> bool:
         return self.embeddings is not None
 
+    def triplet(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(anchor, positive, negative) of a call without labels: three (N, D)."""
+        # parse_loss_call sets either the embeddings or all three.
+        assert self.anchor is not None and self.positive is not None and self.negative is not None
+        return self.anchor, self.positive, self.negative
+
     def all_embeddings(self) -> Tensor:
         """Every embedding the loss saw: (N, D), or the 3N rows of explicit triplets."""
         if self.embeddings is not None:
             return self.embeddings
-        # Without labels, the call was an explicit triplet: all three are set.
-        return torch.cat([self.anchor, self.positive, self.negative])  # type: ignore[list-item]
+        return torch.cat(self.triplet())
 
 
-def _is_embedding(t: Any) -> bool:
+def _is_embedding(t: Any) -> TypeGuard[Tensor]:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 2
 
 
-def _is_labels(t: Any, n: int) -> bool:
+def _is_labels(t: Any, n: int) -> TypeGuard[Tensor]:
     return (
         isinstance(t, Tensor)
         and t.dim() == 1
@@ -164,7 +169,7 @@ class RankingPlateau:
         k = len(rows)
         gathered = self.gathered and dist.is_available() and dist.is_initialized()
         b = rows[0] * (dist.get_world_size() if gathered else 1)
-        sizes = {
+        sizes: dict[str, float] = {  # a hardness penalty adds a real-valued count
             "query_to_doc": (k - 1) * b,
             "query_to_query": b - 1,
             "doc_to_query": b,

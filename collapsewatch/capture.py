@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -93,13 +94,16 @@ class CaptureSettings:
 
 
 _LIBRARY_DIRS = tuple(
-    str(Path(module.__file__).parent) for module in (torch, sys.modules["collapsewatch"])
+    # Both are regular packages, loaded from files.
+    str(Path(module.__file__).parent)  # type: ignore[arg-type]
+    for module in (torch, sys.modules["collapsewatch"])
 )
 
 
 def caller_stacklevel() -> int:
     """The stacklevel that attributes a warning to the user's code calling the loss."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level
@@ -173,10 +177,12 @@ class Capture:
         self._last_probe_step: int | None = None
         # A loss that reports its own statistics (the bundled ones, or any loss following
         # the ReportsStatistics protocol) is switched per recorded step and read.
-        self._self_reporting = isinstance(loss_fn, ReportsStatistics)
+        self._reporter = loss_fn if isinstance(loss_fn, ReportsStatistics) else None
         # What remove() puts back: the hooks switch both per recorded step.
         self._original_switches = (
-            (loss_fn.statistics, loss_fn.difficulty) if self._self_reporting else None
+            None
+            if self._reporter is None
+            else (self._reporter.statistics, self._reporter.difficulty)
         )
         self._anchor_sampler = AnchorSampler()  # a foreign loss's difficulty counts
         self._handles = [
@@ -189,8 +195,8 @@ class Capture:
         """Remove the hooks and put the loss's statistics switches back as they were."""
         for handle in self._handles:
             handle.remove()
-        if self._original_switches is not None:
-            self.loss_fn.statistics, self.loss_fn.difficulty = self._original_switches
+        if self._reporter is not None and self._original_switches is not None:
+            self._reporter.statistics, self._reporter.difficulty = self._original_switches
 
     # ----------------------------------------------------------------------------- hooks
     def _model_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -244,14 +250,14 @@ class Capture:
         if self._recording:
             self._call_plateau = self.settings.margin_spec.plateau_of_call(args, kwargs)
         if not self._recording:
-            if self._self_reporting:
+            if self._reporter is not None:
                 # Statistics cost a sort for batch-hard: compute them only when recorded.
-                module.statistics = False
+                self._reporter.statistics = False
             return
         self._difficulty = self.cadence.counts_difficulty(step)
-        if self._self_reporting:
-            module.statistics = True
-            module.difficulty = self._difficulty
+        if self._reporter is not None:
+            self._reporter.statistics = True
+            self._reporter.difficulty = self._difficulty
         call = parse_loss_call(args, kwargs)
         if call is None:
             # Unrecognised arguments: maybe the loss runs the model itself. Decide after it
@@ -431,16 +437,14 @@ class Capture:
     def _triplet_statistics(
         self, call: LossCall | None, difficulty: bool
     ) -> TripletStatistics | None:
-        if self._self_reporting:
-            return self.loss_fn.last_stats
+        if self._reporter is not None:
+            return self._reporter.last_stats
         if call is None:
             return None
         if call.is_labelled:
             return self._labelled_statistics(call, with_difficulty=difficulty)
         return explicit_triplet_statistics(
-            call.anchor,
-            call.positive,
-            call.negative,
+            *call.triplet(),
             self._margin_or_any,
             self.settings.distance.distance,
         )
@@ -479,8 +483,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = compiled
         else:
             return model
 

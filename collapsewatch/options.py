@@ -114,8 +114,8 @@ class WatchOptions:
             "action": action,
             "sinks": tuple(make_sinks(self.log_to)),
         }
-        for name, value in filled.items():
-            object.__setattr__(self, name, value)  # frozen: set once, here
+        for name, normalised in filled.items():
+            object.__setattr__(self, name, normalised)  # frozen: set once, here
 
 
 def _check_probe(probe: Any, labels: Any, every: Any) -> None:

@@ -179,7 +179,7 @@ class CommitPipeline:
         raises)."""
         self._records.append(record)
 
-    def finished(self, record: StepRecord, *, loss_calls: int, dim: int) -> None:
+    def finished(self, record: StepRecord, *, loss_calls: int, dim: int | None) -> None:
         """A started record's loss returned: reduce it across ranks (not waited for here)
         and commit if one is due."""
         if self.world_size > 1:

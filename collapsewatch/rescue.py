@@ -101,9 +101,11 @@ class _Watched(Protocol):
 
     model: torch.nn.Module
     loss_fn: torch.nn.Module
-    step: int
     rank: int
     world_size: int
+
+    @property
+    def step(self) -> int: ...
 
     @property
     def state(self) -> str: ...

@@ -133,12 +133,12 @@ class Watcher:
         self.distance = find_distance(loss_fn, options.distance)
         _warn_if_margin_free(loss_fn, self.margin_spec, self.distance)
         self.margin = self.margin_spec.margin
-        self.logdir = options.logdir
+        self.logdir = Path(options.logdir)
         self.name = self._claim_name()
         self.path = run_path(self.logdir, self.name)
         self.on_collapse: OnCollapse = options.action
         self.sinks = list(options.sinks)
-        self.config = options.config
+        self.config: Mapping[str, Any] = options.config or {}
         detector_config = options.detector
         assert detector_config is not None  # WatchOptions fills it in
         self.detector = CollapseDetector(

@@ -71,9 +71,13 @@ class RunListUpdate:
 
 def default_selection(listing: RunListing, limit: int = DEFAULT_SELECTION) -> list[str]:
     """The most recently updated readable runs, for a page that has selected nothing yet."""
-    readable = [e for e in listing.entries if e.summary is not None]
-    readable.sort(key=lambda e: e.summary.last_time or e.summary.recorded_steps or 0, reverse=True)
-    return sorted(e.run_id for e in readable[:limit])
+    recency = [
+        (e.summary.last_time or e.summary.recorded_steps or 0, e.run_id)
+        for e in listing.entries
+        if e.summary is not None
+    ]
+    recency.sort(key=lambda pair: pair[0], reverse=True)  # stable: ties stay by run id
+    return sorted(run_id for _, run_id in recency[:limit])
 
 
 def run_list_update(

@@ -384,13 +384,13 @@ class RunCache:
     def run_list(self, *, force: bool = False) -> RunListing:
         """Every run file under the log directory with its summary or its error."""
         with self._lock:
-            if not force and self._listing_is_fresh():
+            if not force and self._listing is not None and self._listing_is_fresh():
                 return self._listing
         # One listing at a time: the callbacks of a poll arrive together, and on a new
         # 200-run sweep each reading every file would multiply the first wait by four.
         with self._listing_lock:
             with self._lock:
-                if not force and self._listing_is_fresh():
+                if not force and self._listing is not None and self._listing_is_fresh():
                     return self._listing
             listing = self._read_listing()
         with self._lock:

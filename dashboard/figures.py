@@ -10,6 +10,7 @@ would turn arrays into base64 typed arrays, which ``Plotly.extendTraces`` cannot
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -474,6 +475,13 @@ def _series_trace(
     return trace
 
 
+def _fold_off_scale_points(
+    found: tuple, rows: pd.DataFrame, offset: int, *, panel: Panel, group: Sequence[Series]
+) -> tuple:
+    """One step of the off-scale fold: ``found`` and the points of the next ``rows``."""
+    return found + _off_scale_points(rows, panel, group)
+
+
 def _off_scale_points(
     frame: pd.DataFrame, panel: Panel, group: Sequence[Series]
 ) -> tuple[tuple[int, str], ...]:
@@ -501,7 +509,7 @@ def _off_scale_trace(
             ("off scale", panel.key, tuple(s.column for s in group)),
             view.metrics,
             tuple,
-            lambda found, rows, _, group=group: found + _off_scale_points(rows, panel, group),
+            functools.partial(_fold_off_scale_points, panel=panel, group=group),
         )
     if not points:
         return None

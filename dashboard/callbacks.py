@@ -279,17 +279,16 @@ def _extend(
     views: Sequence[RunView], runs: dict[str, Any], signature: list, max_points: int
 ) -> PanelUpdate | None:
     """The extendData update, or None when the rebuild rule says rebuild."""
+    allowance = max(1, max_points // 4)
+    for view in views:
+        # Checked before the extension is built: a long run growing fast rebuilds each poll.
+        new = len(view.rows_after(runs[view.run_id]["last"]))
+        if len(view.metrics) > max_points and runs[view.run_id]["appended"] + new > allowance:
+            return None
     try:
         extend, appended = panels_extension(views, runs)
     except NeedsRebuildError:
         return None
-    allowance = max(1, max_points // 4)
-    for view in views:
-        if (
-            len(view.metrics) > max_points
-            and runs[view.run_id]["appended"] + appended[view.run_id] > allowance
-        ):
-            return None
     if extend is None:
         return PanelUpdate(None, None, None)
     for view in views:

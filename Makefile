@@ -70,4 +70,4 @@ screenshot: $(STAMP)
 		tests/dashboard/test_browser.py -k "1024 or 200_run_sweep"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

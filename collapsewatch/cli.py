@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import shlex
 import signal
@@ -27,10 +26,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from collapsewatch._version import __version__
+from collapsewatch.columns import format_number
 from collapsewatch.command import command_name
 from collapsewatch.detect import Verdict, analyze
 from collapsewatch.states import RunState, display_state
-from collapsewatch.store import Run, RunFileError, RunReader, iter_readable_runs, load_run
+from collapsewatch.store import (
+    Run,
+    RunFileError,
+    RunReader,
+    iter_readable_runs,
+    json_safe,
+    load_run,
+)
 
 STATE_STYLE: dict[str, str] = {  # keyed by RunState, looked up by state strings
     RunState.HEALTHY: "green",
@@ -86,12 +93,6 @@ def final_metrics(metrics: pd.DataFrame) -> dict[str, float | None]:
     return values
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}g}"
-
-
 def _state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{escape(state)}[/]"
 
@@ -125,7 +126,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     run = _load(args.run)
     verdict = analyze(run)
     if args.json:
-        _json(_sanitize(summary(run, verdict)))
+        _json(json_safe(summary(run, verdict)))
     else:
         console.print(f"[bold]{escape(run.name)}[/]  {escape(str(run.path))}")
         console.print(
@@ -174,7 +175,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             }
         )
     if args.json:
-        _json(_sanitize(rows))
+        _json(json_safe(rows))
         return 0
     table = Table(title="runs compared (final recorded values)")
     for column in (
@@ -199,11 +200,11 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             _step(row["recovered_step"]),
             str(row["recorded_steps"]),
             _step(row["last_step"]),
-            _number(row["loss_margin_ratio"]),
-            _number(row["mean_pairwise_distance"]),
-            _number(row["embedding_variance"]),
-            _number(row["frac_hard"], 3),
-            _number(row["effective_rank"], 3),
+            format_number(row["loss_margin_ratio"]),
+            format_number(row["mean_pairwise_distance"]),
+            format_number(row["embedding_variance"]),
+            format_number(row["frac_hard"], 3),
+            format_number(row["effective_rank"], 3),
         )
     console.print(table)
     return 0
@@ -240,7 +241,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
             }
         )
     if args.json:
-        _json(_sanitize(rows))
+        _json(json_safe(rows))
         return 0
     if not rows:
         console.print(f"no runs in {escape(args.logdir)}")
@@ -273,8 +274,8 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
             escape(str(row["status"])),
             str(row["recorded_steps"]),
             _step(row["last_step"]),
-            _number(row["loss"]),
-            _number(row["margin"]),
+            format_number(row["loss"]),
+            format_number(row["margin"]),
             updated,
         )
     console.print(table)
@@ -375,8 +376,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
             escape(run.name),
             _state(verdict.display_state.value),
             str(verdict.onset_step if verdict.onset_step is not None else "–"),
-            _number(final["loss_margin_ratio"]),
-            _number(final["mean_pairwise_distance"]),
+            format_number(final["loss_margin_ratio"]),
+            format_number(final["mean_pairwise_distance"]),
         )
     console.print(table)
     command = command_name()
@@ -396,17 +397,6 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         except KeyboardInterrupt:
             pass
     return 0
-
-
-def _sanitize(value: Any) -> Any:
-    """NaN/inf → None so the JSON output is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _sanitize(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_sanitize(v) for v in value]
-    return value
 
 
 def _bounded(name: str, low: int, high: int | None = None) -> Callable[[str], int]:

@@ -9,8 +9,9 @@ module imports neither torch nor numpy: the read side uses it without paying for
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Direction = Literal["low", "high"]
 
@@ -108,6 +109,22 @@ def label(name: str) -> str:
     """A column's label, or its name where it is not a known column."""
     column = BY_NAME.get(name)
     return column.label if column is not None else name.replace("_", " ")
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A value for people (CLI, report, dashboard): ``digits`` significant digits, an integer
+    in full with thousands separators, "–" for a missing one (None, NaN, a bool), "inf" and
+    "-inf" as such, anything else as ``str``."""
+    if value is None or isinstance(value, bool):
+        return "–"
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}g}"  # inf and -inf format as themselves
+    return str(value)
 
 
 def healthy_std_of_l2_normalized(dim: int) -> float:

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from collapsewatch.states import FAILED_STATES, RunState, display_state
-from collapsewatch.store import Event, Run, load_run
+from collapsewatch.store import Event, Run, json_safe, load_run
 
 HEALTHY, WARNING, COLLAPSED = RunState.HEALTHY, RunState.WARNING, RunState.COLLAPSED
 DIVERGED, EMPTY = RunState.DIVERGED, RunState.EMPTY
@@ -227,12 +227,6 @@ def _lasted(since: int | None, step: int, steps: int) -> bool:
     return since is not None and step - since >= steps
 
 
-def _finite(evidence: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in evidence.items()
-    }
-
-
 @dataclass
 class CollapseDetector:
     """Streaming collapse detector. Feed rows in step order with :meth:`update`.
@@ -322,7 +316,13 @@ class CollapseDetector:
         # NaN evidence becomes None so an event reads back from the run file unchanged.
         return [
             Event(
-                e.step, e.kind, self.state.value, e.message, e.suggestion, _finite(e.evidence), time
+                e.step,
+                e.kind,
+                self.state.value,
+                e.message,
+                e.suggestion,
+                json_safe(e.evidence),
+                time,
             )
             for e in events
         ]

@@ -202,21 +202,23 @@ class Snapshot:
     labels: np.ndarray | None
 
 
-def _json_value(value: Any) -> Any:
-    # NaN and inf are not JSON; store them as null rather than writing invalid JSON.
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: NaN and ±inf become None (null), NumPy scalars
+    Python ones, mappings dicts with string keys, tuples lists; through any nesting. The
+    one NaN → None rule of the run file, the CLI's ``--json`` and the detector's evidence."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, np.generic):
-        return _json_value(value.item())
+        return json_safe(value.item())
     if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(_json_value(value), allow_nan=False, default=str, sort_keys=True)
+    return json.dumps(json_safe(value), allow_nan=False, default=str, sort_keys=True)
 
 
 def _array_to_blob(array: np.ndarray) -> tuple[str, str, bytes]:

@@ -12,6 +12,7 @@ from typing import Any
 from dash import dcc, html
 from dash.dash_table.DataTable import DataTable  # dash.dash_table's own module is untyped
 
+from collapsewatch.columns import format_number
 from collapsewatch.states import RunState
 
 from .data import Alert, RunEntry, RunView
@@ -305,19 +306,6 @@ def state_badge(state: str) -> html.Span:
         className=f"cw-badge cw-badge-{state}",
         **_data_attributes(state=state),
     )
-
-
-def format_number(value: Any, digits: int = 4) -> str:
-    """A metric value for people: 4 significant digits, '–' for missing."""
-    if isinstance(value, bool) or value is None:
-        return "–"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def format_age(seconds_ago: float | None) -> str:

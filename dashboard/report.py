@@ -19,6 +19,7 @@ from typing import Any
 
 import plotly.io as pio
 
+from collapsewatch.columns import format_number
 from collapsewatch.detect import Verdict
 from collapsewatch.states import RunState
 from collapsewatch.store import Run
@@ -60,12 +61,6 @@ pre { background: #f5f7fa; padding: 10px; border-radius: 6px; overflow-x: auto; 
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return _e(value)
 
 
 def _state(verdict: Verdict) -> str:
@@ -152,9 +147,10 @@ def _final_table(run: Run) -> str:
             continue
         values = metrics[column].dropna()
         if len(values):
+            first, last = (format_number(float(v)) for v in (values.iloc[0], values.iloc[-1]))
             rows.append(
-                f"<tr><td>{_e(column)}</td><td class='num'>{_number(float(values.iloc[0]))}</td>"
-                f"<td class='num'>{_number(float(values.iloc[-1]))}</td></tr>"
+                f"<tr><td>{_e(column)}</td><td class='num'>{first}</td>"
+                f"<td class='num'>{last}</td></tr>"
             )
     return (
         "<table><tr><th>metric</th><th>first recorded</th><th>last recorded</th></tr>"
@@ -171,7 +167,7 @@ def _run_facts(run: Run) -> str:
     last = int(run.metrics["step"].iloc[-1]) if steps else None
     facts = [
         f"{_e(meta.get('model_class', '?'))} + {_e(meta.get('loss_class', '?'))}",
-        f"margin {_number(meta.get('margin'))}",
+        f"margin {_e(format_number(meta.get('margin')))}",
         f"{steps} recorded steps (last step {last})",
         f"status {_e(meta.get('status', '?'))}",
         f"started {when}",

@@ -77,3 +77,30 @@ def test_importing_the_watch_submodule_first_does_not_shadow_the_function() -> N
         "assert sys.modules['collapsewatch.watch'].watch is cw.watch\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("value", "digits", "shown"),
+    [
+        (None, 4, "–"),
+        (float("nan"), 4, "–"),
+        (True, 4, "–"),  # a flag is not a measurement
+        (0.123456, 4, "0.1235"),
+        (0.123456, 3, "0.123"),
+        (1234567.0, 4, "1.235e+06"),
+        (1234567, 4, "1,234,567"),  # counts and steps in full
+        (float("inf"), 4, "inf"),
+        (-float("inf"), 4, "-inf"),
+        ("n/a", 4, "n/a"),
+    ],
+)
+def test_one_number_format_for_every_medium(value: object, digits: int, shown: str) -> None:
+    assert columns.format_number(value, digits) == shown
+
+
+def test_the_number_format_reads_numpy_scalars_as_numbers() -> None:
+    import numpy as np
+
+    assert columns.format_number(np.float32(0.5)) == "0.5"
+    assert columns.format_number(np.int64(12345)) == "12,345"
+    assert columns.format_number(np.float64("nan")) == "–"

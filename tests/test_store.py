@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -20,6 +21,7 @@ from collapsewatch.store import (
     RunReader,
     RunWriter,
     check_run_name,
+    json_safe,
     list_runs,
     load_run,
     run_path,
@@ -241,3 +243,21 @@ def test_kill_minus_9_loses_at_most_the_last_commit_interval(tmp_path):
     db = sqlite3.connect(f"{run_path(tmp_path, 'killed').as_uri()}?mode=ro", uri=True)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()
+
+
+def test_json_safe_turns_every_non_finite_float_into_null_at_any_depth() -> None:
+    value = {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        1: (np.float32(0.5), [np.float64("-inf"), np.int64(3)]),
+        "nested": {"ok": 2.5, "text": "x", "none": None},
+    }
+    safe = json_safe(value)
+    assert safe == {
+        "nan": None,
+        "inf": None,
+        "1": [0.5, [None, 3]],
+        "nested": {"ok": 2.5, "text": "x", "none": None},
+    }
+    assert type(safe["1"][1][1]) is int and type(safe["1"][0]) is float
+    json.dumps(safe, allow_nan=False)  # strict JSON

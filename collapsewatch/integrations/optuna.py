@@ -21,7 +21,6 @@ Optuna is optional: importing this module without it raises an ImportError that 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,7 +35,7 @@ except ImportError:
     ) from None
 
 from collapsewatch.detect import analyze
-from collapsewatch.store import Event
+from collapsewatch.store import Event, json_safe
 from collapsewatch.watch import Watcher, watch
 
 ATTRIBUTE_PREFIX = "collapsewatch_"
@@ -73,10 +72,6 @@ def _reason(event: Event) -> str:
     return f"collapsewatch: {event.message}"
 
 
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def _record_verdict(trial: optuna.Trial, watcher: Watcher, pruned_at_step: int | None) -> None:
     verdict = analyze(watcher.path)
     attributes = {
@@ -87,7 +82,7 @@ def _record_verdict(trial: optuna.Trial, watcher: Watcher, pruned_at_step: int |
         "pruned_at_step": pruned_at_step,
     }
     for name, value in attributes.items():
-        trial.set_user_attr(ATTRIBUTE_PREFIX + name, _finite_or_none(value))
+        trial.set_user_attr(ATTRIBUTE_PREFIX + name, json_safe(value))
 
 
 @contextmanager

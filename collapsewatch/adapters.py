@@ -94,6 +94,9 @@ def parse_loss_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LossCal
 
 SOFT_MARGIN_ATTRIBUTES = ("smooth_loss", "soft_margin")
 MARGIN_ATTRIBUTES = ("margin", "triplet_margin")
+CONTRASTIVE_MARGIN_ATTRIBUTE = "neg_margin"  # PML's contrastive losses: neg_margin − pos_margin
+LOOKED_UP_MARGINS = (*MARGIN_ATTRIBUTES, CONTRASTIVE_MARGIN_ATTRIBUTE)
+"""Where ``find_margin`` looks for a loss's margin, in order (``watch()``'s warning names them)."""
 
 CallPlateau = Callable[[tuple[Any, ...], Mapping[str, Any]], "float | Tensor | None"]
 """The loss of identical embeddings for one call, from its arguments (a 0-dim tensor when it
@@ -457,11 +460,11 @@ def find_margin(loss_fn: torch.nn.Module, margin: float | None) -> MarginSpec:
                 source = f"{name}.{attribute}"
                 break
     if found is None and margin is None:
-        negative = _number(getattr(loss_fn, "neg_margin", None))
+        negative = _number(getattr(loss_fn, CONTRASTIVE_MARGIN_ATTRIBUTE, None))
         positive = _number(getattr(loss_fn, "pos_margin", None)) or 0.0
         if negative is not None and negative > positive:
             # A collapsed contrastive loss pays relu(neg_margin − 0) on every negative pair.
-            source = f"{name}.neg_margin"
+            source = f"{name}.{CONTRASTIVE_MARGIN_ATTRIBUTE}"
             return MarginSpec(negative - positive, negative, source)
     if soft:
         # softplus(d_ap − d_an + m) at d = 0; a soft margin of 0 is still a margin.

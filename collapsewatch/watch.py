@@ -33,6 +33,7 @@ from torch import Tensor
 
 from collapsewatch._version import __version__
 from collapsewatch.adapters import (
+    LOOKED_UP_MARGINS,
     DistanceSpec,
     MarginSpec,
     find_distance,
@@ -393,8 +394,8 @@ def _warn_if_margin_free(
         else:
             judged = f"the plateau is checked at its soft-margin level {margin_spec.plateau:.4g}"
         warnings.warn(
-            f"watch(): {type(loss_fn).__name__} has no margin (looked for margin, "
-            f"triplet_margin, neg_margin): the margin-relative columns "
+            f"watch(): {type(loss_fn).__name__} has no margin (looked for "
+            f"{', '.join(LOOKED_UP_MARGINS)}): the margin-relative columns "
             f"({', '.join(MARGIN_RELATIVE)}) are NaN; {judged}. Pass margin= if the loss has "
             "one under another name.",
             RuntimeWarning,

@@ -25,6 +25,7 @@ A false alarm is a healthy run whose detector state at the end is "warning" or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -284,18 +285,29 @@ def table(results: dict[Config, list[Outcome]]) -> tuple[str, int, int]:
     return "\n".join(lines), false_alarms, misses
 
 
+def _logdir(keep: Path | None) -> contextlib.AbstractContextManager[str]:
+    """The folder for the run files: ``keep`` (created) to inspect them, else a temporary one."""
+    if keep is None:
+        return tempfile.TemporaryDirectory()
+    keep.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(keep))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--only", help="run only the configurations whose name contains this")
     parser.add_argument("--write-doc", action="store_true", help="update docs/detector.md")
+    parser.add_argument(
+        "--logdir", type=Path, help="keep the run files here (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a fair share of a small shared machine
     configs = [c for c in CONFIGS if args.only is None or args.only in c.name]
     results: dict[Config, list[Outcome]] = {}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+    with _logdir(args.logdir) as logdir, warnings.catch_warnings():
         warnings.simplefilter("ignore", cw.CollapseWarning)
         for config in configs:
             results[config] = [

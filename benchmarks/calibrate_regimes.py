@@ -29,13 +29,14 @@ at most max(50, 10 % of the run) steps after the truth onset and at most 20 befo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
 PROBE_EVERY = 10
 SPREAD_FRACTION = 0.1
 KNN_SHARE = 0.25
+SPARSE_INTERVALS = (4, 10)  # the recorded rows thinned to these intervals and replayed
 
 
 class SupervisedInfoNCE(nn.Module):
@@ -100,7 +102,7 @@ class Regime:
 
     name: str
     what: str
-    expect: str  # what the regime is built to do: "collapse", "healthy", "recover"
+    expect: str  # what the regime is built to do: "collapse", "healthy", "recover", "diverge"
     loss: Callable[[], nn.Module]
     lr: float | Callable[[int], float]
     steps: int = 400
@@ -175,6 +177,9 @@ class Outcome:
     chance: float
     seconds: float
     diverged: bool = False  # non-finite held-out embeddings at some probe
+    # The recorded rows thinned to every 4th / 10th step and replayed: the same end state and
+    # an onset within one interval of the dense one.
+    interval_agrees: tuple[bool, ...] = ()
 
     FAILED = ("collapsed", "diverged")
 
@@ -275,14 +280,35 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
             for i in range(len(collapsed_at) - 2)
             if all(flag for _, flag in collapsed_at[i : i + 3])
         )
-    verdict = cw.analyze(watcher.path)
+    recorded = cw.load_run(watcher.path)
+    verdict = cw.analyze(recorded)
+    interval_agrees = tuple(
+        _same_verdict(
+            verdict, cw.analyze(replace(recorded, metrics=recorded.metrics.iloc[::every])), every
+        )
+        for every in SPARSE_INTERVALS
+    )
     failed_once = verdict.collapsed or verdict.diverged_step is not None
     onset = verdict.onset_step if verdict.onset_step is not None else verdict.diverged_step
     state = str(verdict.state)
     return Outcome(
         regime, seed, truth_end, truth_onset, truth_ever, state, onset, failed_once,
         probes[-1][2], raw_knn, chance, time.perf_counter() - started, diverged,
+        interval_agrees,
     )  # fmt: skip
+
+
+def _same_verdict(dense: cw.Verdict, sparse: cw.Verdict, every: int) -> bool:
+    """Whether a run's rows thinned to every ``every``-th step read as the dense rows do: the
+    same end state, and the first collapse (or divergence) within one interval."""
+
+    def onset(verdict: cw.Verdict) -> int | None:
+        return verdict.onset_step if verdict.onset_step is not None else verdict.diverged_step
+
+    first, thinned = onset(dense), onset(sparse)
+    if dense.state != sparse.state or (first is None) != (thinned is None):
+        return False
+    return first is None or abs(thinned - first) <= every
 
 
 def _scaled_from(step_at: int, lr_after: float | None = None):
@@ -336,9 +362,12 @@ REGIMES = [
            lambda: BatchHardTripletLoss(margin=0.2), 2.0, switch=_scaled_from(200), steps=500),
     Regime("trap-zero-loss", "batch-all, margin 0.05: loss exactly 0, all easy", "healthy",
            lambda: BatchAllTripletLoss(margin=0.05), 0.05, steps=300),
-    Regime("warmup-tiny-init", "tiny init (×1e-3), unnormalised, lr warm-up to 0.05",
-           "healthy", lambda: BatchAllTripletLoss(margin=0.2), _warmup(0.05, 200),
+    Regime("warmup-tiny-init", "tiny init (×1e-3), unnormalised, batch-hard, lr warm-up to "
+           "0.05", "healthy", lambda: BatchHardTripletLoss(margin=0.2), _warmup(0.05, 200),
            normalize=False, init_scale=1e-3),
+    Regime("diverges", "tiny init (×1e-3), unnormalised, batch-all, lr warm-up to 0.05: "
+           "nothing bounds the norms", "diverge", lambda: BatchAllTripletLoss(margin=0.2),
+           _warmup(0.05, 200), normalize=False, init_scale=1e-3),
     Regime("trap-slow", "batch-hard, lr 0.002: slow, near the margin", "healthy",
            lambda: BatchHardTripletLoss(margin=0.2), 0.002, steps=400),
 ]  # fmt: skip
@@ -347,8 +376,8 @@ REGIMES = [
 def table(outcomes: list[Outcome]) -> str:
     lines = [
         "| regime | what | seeds | truth at end | detector at end | false alarms | misses | "
-        "onset − truth (steps) | held-out 5-NN (raw, chance) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "onset − truth (steps) | held-out 5-NN (raw, chance) | same at every 4, 10 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_name: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -365,7 +394,8 @@ def table(outcomes: list[Outcome]) -> str:
         lines.append(
             f"| {name} | {regime.what} | {len(group)} | {truth} | {states} | "
             f"{sum(o.false_alarm for o in group)} | {sum(o.miss for o in group)} | {delays} | "
-            f"{knn} ({group[0].raw_knn:.2f}, {group[0].chance:.2f}) |"
+            f"{knn} ({group[0].raw_knn:.2f}, {group[0].chance:.2f}) | "
+            f"{', '.join('yes' if all(o.interval_agrees) else 'no' for o in group)} |"
         )
     total = len(outcomes)
     alarms = sum(o.false_alarm for o in outcomes)
@@ -374,9 +404,19 @@ def table(outcomes: list[Outcome]) -> str:
     lines.append("")
     lines.append(
         f"{total} runs: {alarms} false alarms, {misses} misses, {late} onsets outside "
-        "[−20, max(50, 10 % of the run)] steps of the truth."
+        "[−20, max(50, 10 % of the run)] steps of the truth; "
+        f"{sum(not all(o.interval_agrees) for o in outcomes)} whose rows thinned to every "
+        f"{' and '.join(map(str, SPARSE_INTERVALS))} steps read differently."
     )
     return "\n".join(lines)
+
+
+def _logdir(keep: Path | None) -> contextlib.AbstractContextManager[str]:
+    """The folder for the run files: ``keep`` (created) to inspect them, else a temporary one."""
+    if keep is None:
+        return tempfile.TemporaryDirectory()
+    keep.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(keep))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -384,11 +424,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per regime")
     parser.add_argument("--only", nargs="*", help="regime names (default: all)")
     parser.add_argument("--write-doc", action="store_true", help="update docs/detector.md")
+    parser.add_argument(
+        "--logdir", type=Path, help="keep the run files here (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     chosen = [r for r in REGIMES if not args.only or r.name in args.only]
     outcomes = []
-    with tempfile.TemporaryDirectory() as logdir:
+    with _logdir(args.logdir) as logdir:
         for regime in chosen:
             for seed in range(args.seeds):
                 outcome = run(regime, seed, Path(logdir))

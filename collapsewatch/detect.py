@@ -174,8 +174,6 @@ class DetectorConfig:
     plateau_tolerance_max: float = 0.1
     contraction_margin_fraction: float = 0.1
     contraction_peak_fraction: float = 0.1
-    # On the plateau, a fall this deep below the peak is enough without the margin's test.
-    contraction_peak_fraction_alone: float = 0.03
     window: int = 20
     recovery_window: int = 20
     rank_class_fraction: float = 0.4
@@ -228,6 +226,42 @@ def _lasted(since: int | None, step: int, steps: int) -> bool:
 
 
 @dataclass
+class _Episode:
+    """When a noisy condition began to hold, judged over the trailing ``window`` steps: an
+    episode starts at a row where it holds and lasts while it holds on at least half of the
+    episode's rows within the trailing window (more than half, ``strict``), so one contrary
+    row does not end it.
+
+    Counted in recorded rows, an unbroken streak depends on the recording interval: a dense
+    recording has more rows near a band's edge to break it than a sparse one of the same run.
+    A share of a window of training steps reads the same at any interval.
+    """
+
+    window: int
+    strict: bool = False
+    rows: deque[tuple[int, bool]] = field(default_factory=deque)
+    since: int | None = None
+
+    def update(self, step: int, holds: bool) -> int | None:
+        """Take one row; return the first step of the current episode, or None."""
+        self.rows.append((step, holds))
+        while self.rows[0][0] <= step - self.window:
+            self.rows.popleft()
+        if self.since is not None:
+            votes = [h for s, h in self.rows if s >= self.since]
+            share = 2 * sum(votes) - len(votes)  # held minus not held
+            if share < 0 or (self.strict and share == 0):
+                self.since = None
+        if self.since is None and holds:
+            self.since = step
+        return self.since
+
+    def end(self) -> None:
+        """End the current episode: the next one starts at a later row that holds."""
+        self.since = None
+
+
+@dataclass
 class CollapseDetector:
     """Streaming collapse detector. Feed rows in step order with :meth:`update`.
 
@@ -257,12 +291,13 @@ class CollapseDetector:
     # probe steps, and its peak.
     probe_distance: float = math.nan
     peak_probe_distance: float = 0.0
-    contracted_since: int | None = None
-    suspect_since: int | None = None
+    # Episodes of contraction, of contraction on the plateau, and of no contraction.
+    contracted: _Episode = field(init=False)
+    suspect: _Episode = field(init=False)
+    clear: _Episode = field(init=False)
     # Never separated: the largest spread so far when the run was last seen growing.
     unseparated_reference: float | None = None
     unseparated_since: int | None = None
-    clear_since: int | None = None
     low_rank_since: int | None = None
     low_rank: bool = False
     diverged: bool = False
@@ -274,6 +309,10 @@ class CollapseDetector:
 
     def __post_init__(self) -> None:
         self.advice = collapse_advice(self.loss_family, self.traits)
+        self.contracted = _Episode(self.config.window)
+        self.suspect = _Episode(self.config.window)
+        # Collapse is sticky: recovery needs a clear majority of rows without contraction.
+        self.clear = _Episode(self.config.recovery_window, strict=True)
 
     def add_traits(self, traits: Iterable[str]) -> None:
         """Add to what the run already does; the advice leaves it out from now on."""
@@ -355,10 +394,9 @@ class CollapseDetector:
         contracted = self._contracted(distance, self.peak_distance, margin)
         # On the plateau, a spread far below its own peak is enough: with many classes or
         # an unnormalised model it can stay above the margin-relative bound long after
-        # the embeddings have lost all structure. Without the margin's corroboration the
-        # fall must be deeper: healthy small-class runs dip to 0.11-0.15 of their peak.
+        # the embeddings have lost all structure.
         if not contracted and on_plateau:
-            contracted = distance < c.contraction_peak_fraction_alone * self.peak_distance
+            contracted = distance < c.contraction_peak_fraction * self.peak_distance
         # Directions: a loss that L2-normalises inside (cosine, a normalising distance)
         # can collapse every row onto one direction while the raw norms (and distances)
         # grow. Other losses do not see directions: rows along a line away from the origin
@@ -394,9 +432,9 @@ class CollapseDetector:
         )
         contracted = contracted or probe_contracted or unseparated
         suspect = contracted and (on_plateau or not plateau_known)
-        self.contracted_since = _streak(self.contracted_since, contracted, step)
-        self.suspect_since = _streak(self.suspect_since, suspect, step)
-        self.clear_since = _streak(self.clear_since, not contracted, step)
+        contracted_since = self.contracted.update(step, contracted)
+        suspect_since = self.suspect.update(step, suspect)
+        clear_since = self.clear.update(step, not contracted)
         evidence = {
             "loss_margin_ratio": ratio,
             "margin": margin,
@@ -416,8 +454,9 @@ class CollapseDetector:
             if math.isfinite(margin)
             else ("loss/plateau", "its plateau")
         )
-        if state != COLLAPSED and _lasted(self.suspect_since, step, c.window):
+        if state != COLLAPSED and _lasted(suspect_since, step, c.window):
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
+            self.clear.end()
             spread = (
                 f"the embeddings have never separated: the mean pairwise distance is "
                 f"{distance:.3g} and was never above {self.peak_distance:.3g} (under "
@@ -438,20 +477,21 @@ class CollapseDetector:
             if plateau_known:
                 message = (
                     f"Collapse at step {step}: {level} has been {ratio:.3f} since step "
-                    f"{self.suspect_since} while {spread}"
+                    f"{suspect_since} while {spread}"
                     + (f", margin {margin:g})." if math.isfinite(margin) else ").")
                 )
             else:
                 unknown = "no loss value" if math.isfinite(margin) else "no margin"
                 message = (
                     f"Collapse at step {step}: the embeddings have stayed contracted since "
-                    f"step {self.suspect_since}: {spread}); the loss plateau is not checked "
+                    f"step {suspect_since}: {spread}); the loss plateau is not checked "
                     f"({unknown} is known)."
                 )
-            evidence["since_step"] = self.suspect_since
+            evidence["since_step"] = suspect_since
             return [Event(step, "collapsed", COLLAPSED, message, self.advice, evidence)]
-        if state == HEALTHY and (suspect or _lasted(self.contracted_since, step, c.window)):
+        if state == HEALTHY and (suspect or _lasted(contracted_since, step, c.window)):
             self.plateau_state = WARNING
+            self.clear.end()
             if not plateau_known:
                 where = "; the loss plateau is not checked"
             elif suspect:
@@ -471,21 +511,21 @@ class CollapseDetector:
                 f"Possible collapse at step {step}: {which} {now:.3g} is far below its peak "
                 f"{peak:.3g}{where}."
             )
-            evidence["since_step"] = self.contracted_since
+            evidence["since_step"] = contracted_since
             return [Event(step, "warning", WARNING, message, self.advice, evidence)]
-        if state != HEALTHY and _lasted(self.clear_since, step, c.recovery_window):
+        if state != HEALTHY and _lasted(clear_since, step, c.recovery_window):
             self.plateau_state = HEALTHY
-            evidence["since_step"] = self.clear_since
+            self.suspect.end()
+            self.contracted.end()
+            evidence["since_step"] = clear_since
             if state == COLLAPSED:
                 message = (
                     f"Recovered at step {step}: the embeddings have spread out again since "
-                    f"step {self.clear_since} (mean pairwise distance {distance:.3g}"
+                    f"step {clear_since} (mean pairwise distance {distance:.3g}"
                     + (f", {level} {ratio:.3f})." if plateau_known else ").")
                 )
                 return [Event(step, "recovered", HEALTHY, message, "", evidence)]
-            message = (
-                f"Warning cleared at step {step}: no contraction since step {self.clear_since}."
-            )
+            message = f"Warning cleared at step {step}: no contraction since step {clear_since}."
             return [Event(step, "cleared", HEALTHY, message, "", evidence)]
         return []
 

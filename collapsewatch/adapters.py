@@ -108,10 +108,11 @@ def _feature_batch_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> lis
     """The rows of each of a sentence-transformers call's k feature batches (anchors,
     positives, hard negatives), None unless k ≥ 2 batches of one size."""
     batches = kwargs.get("sentence_features", args[0] if args else ())
-    rows = [_rows(features) for features in batches] if isinstance(batches, list | tuple) else []
-    if len(rows) < 2 or None in rows or len(set(rows)) != 1:
+    found = [_rows(features) for features in batches] if isinstance(batches, list | tuple) else []
+    rows = [n for n in found if n is not None]
+    if len(rows) < 2 or len(rows) < len(found) or len(set(rows)) != 1:
         return None
-    return rows  # type: ignore[return-value]
+    return rows
 
 
 RANKING_CANDIDATES = {

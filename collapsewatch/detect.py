@@ -750,12 +750,12 @@ class Verdict:
 def verdict_from_events(events: Iterable[Event], state: str, last_step: int | None) -> Verdict:
     """Summarise a run's events (live or replayed) into a :class:`Verdict`."""
     events = tuple(events)
-    spans: list[list[int | None]] = []
+    spans: list[tuple[int, int | None]] = []  # (onset, recovery or None)
     for event in events:
         if event.kind == "collapsed":
-            spans.append([event.step, None])
+            spans.append((int(event.step), None))
         elif event.kind == "recovered" and spans and spans[-1][1] is None:
-            spans[-1][1] = event.step
+            spans[-1] = (spans[-1][0], int(event.step))
     collapsed_at_end = state == COLLAPSED
     return Verdict(
         collapsed=bool(spans),
@@ -764,7 +764,7 @@ def verdict_from_events(events: Iterable[Event], state: str, last_step: int | No
         state=state,
         collapsed_at_end=collapsed_at_end,
         last_step=last_step,
-        collapse_spans=tuple((int(a), b) for a, b in spans),  # type: ignore[arg-type]
+        collapse_spans=tuple(spans),
         events=events,
         diverged_step=next((e.step for e in events if e.kind == "diverged"), None),
     )

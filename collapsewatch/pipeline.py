@@ -85,10 +85,11 @@ def stack_step_vectors(records: list[StepRecord]) -> Tensor:
             key = (record.embeddings.shape, record.embeddings.dtype)
             groups.setdefault(key, []).append(record)
     for group in groups.values():
+        # Grouped above: every record of a group kept its embeddings.
         sums = embedding_sums(torch.stack([r.embeddings for r in group]))  # type: ignore[misc]
         for record, row in zip(group, sums.unbind(), strict=True):
             record.sums, record.embeddings = row, None
-    sums = torch.stack([r.sums for r in records])  # type: ignore[misc]
+    sums = torch.stack([r.sums for r in records])  # type: ignore[misc]  # all reduced by now
     skipped = None
     if any(r.skipped is not None for r in records):
         none = sums.new_zeros(2)
@@ -216,6 +217,7 @@ class CommitPipeline:
         if self.world_size > 1:
             vectors = []
             for i, record in enumerate(records):
+                # finished() started every record's all-reduce under DDP.
                 payload, work = record.reduced  # type: ignore[misc]
                 work.wait()  # on NCCL this orders streams; the host does not wait
                 vectors.append(payload[:size])

@@ -362,8 +362,8 @@ class Capture:
         if call is None:
             self._warn(
                 "signature",
-                f"watch(): {type(self.loss_fn).__name__} is given the model's inputs, not "
-                "(embeddings, labels), and no labels can be read from its call: the "
+                f"watch(): {type(self.loss_fn).__name__} is not called as (embeddings, "
+                "labels), and no labels can be read from its call: the "
                 "embeddings the model made during the call are recorded (their spread under "
                 f"the {settings.distance.distance} distance, variance, direction spread, rank), "
                 "but no triplet difficulty and no label columns "

@@ -407,7 +407,10 @@ def test_self_supervised_ntxent_verdict_against_held_out_truth(tmp_path, lr, exp
     net, views = DigitsEmbedder(), torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loss_fn = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=0.07))
-    with cw.watch(net, loss_fn, logdir=tmp_path, every=1, on_collapse="ignore") as watcher:
+    with (
+        pytest.warns(RuntimeWarning) as caught,
+        cw.watch(net, loss_fn, logdir=tmp_path, every=1, on_collapse="ignore") as watcher,
+    ):
         for _ in range(60):
             x = IMAGES[torch.randint(0, 1500, (64,), generator=views)]
             first = net(x + 0.2 * torch.randn(x.shape, generator=views))
@@ -416,6 +419,10 @@ def test_self_supervised_ntxent_verdict_against_held_out_truth(tmp_path, lr, exp
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    # Called as (embeddings, ref_emb), not with the model's inputs: said as such, once.
+    said = [str(w.message) for w in caught if "(embeddings, labels)" in str(w.message)]
+    assert len(said) == 1 and "SelfSupervisedLoss is not called as (embeddings," in said[0]
+    assert not any("model's inputs" in str(w.message) for w in caught)
     metrics = cw.load_run(watcher.path).metrics
     assert (metrics["batch_size"] == 128).all()  # both views are measured
     assert metrics["loss_margin_ratio"].to_numpy() == pytest.approx(

@@ -14,9 +14,10 @@ Rules (every threshold is a field of :class:`DetectorConfig`):
   ``contraction_margin_fraction`` × margin, not doubling) counts as contracted once that
   has lasted ``window`` steps; so does a held-out probe's spread (``watch(probe=...)``,
   eval mode) that has contracted by the same test.
-* On the plateau the margin-relative half of the contraction test is waived (a spread far
-  below its own peak is enough); the directions (``std_of_l2_normalized`` far below its
-  peak and 1/√D) count as contracted too.
+* On the plateau, and while a warning or collapse is under way, the margin-relative half
+  of the contraction test is waived (a spread far below its own peak is enough); the
+  directions (``std_of_l2_normalized`` far below its peak and 1/√D) count as contracted
+  too.
 * A step is on the *plateau* when |loss/margin − 1| (its own, or the median of the last
   ``window``/2 steps) is within ``plateau_tolerance``, widened with the ratio's measured
   noise (``plateau_noise_z``) up to ``plateau_tolerance_max``.
@@ -394,8 +395,11 @@ class CollapseDetector:
         contracted = self._contracted(distance, self.peak_distance, margin)
         # On the plateau, a spread far below its own peak is enough: with many classes or
         # an unnormalised model it can stay above the margin-relative bound long after
-        # the embeddings have lost all structure.
-        if not contracted and on_plateau:
+        # the embeddings have lost all structure. So it is once a collapse is under way:
+        # a loss leaving the plateau would otherwise swap the bound, and points still at a
+        # few hundredths of their peak would count as spread out again (a recovery whose
+        # step depended on where the plateau band's edge fell).
+        if not contracted and (on_plateau or self.plateau_state != HEALTHY):
             contracted = distance < c.contraction_peak_fraction * self.peak_distance
         # Directions: a loss that L2-normalises inside (cosine, a normalising distance)
         # can collapse every row onto one direction while the raw norms (and distances)
@@ -540,28 +544,32 @@ class CollapseDetector:
         values over the last ``window``/2 steps (a collapsed batch-hard loss wobbles above
         the margin by the hardest pairs' noise) within a band: the configured tolerance,
         widened to z × the ratio's noise (1.4826 × the median absolute deviation of the
-        step-to-step changes / √2, a robust standard deviation, over the last ``window``
-        recorded steps, once they cover ``window`` steps), at most
+        step-to-step changes / √2, a robust standard deviation, over the rows of the last
+        ``window`` training steps, at least three, once they cover ``window`` steps), at most
         ``plateau_tolerance_max``. Small batches wobble more: their band is wider. The
         changes are taken about their median so that a steady trend (a loss still falling
         onto the plateau) is not read as noise: a trend's change between recorded steps
         grows with the recording interval, batch noise does not."""
         c = self.config
-        self.recent_ratios.append((step, ratio))
-        while len(self.recent_ratios) > max(c.window + 1, 2):
-            self.recent_ratios.popleft()
-        values = np.asarray([r for _, r in self.recent_ratios])
+        recent = self.recent_ratios
+        recent.append((step, ratio))
+        # The history is `window` training steps (the newest row at or before its start
+        # included, so that it spans them), never fewer than three rows: kept as a count of
+        # rows, a sparse recording would measure its noise over a longer stretch of the run
+        # than a dense one (at every=10, 21 rows are 200 steps) and read a different band.
+        while len(recent) > 3 and recent[1][0] <= step - c.window:
+            recent.popleft()
+        values = np.asarray([r for _, r in recent])
         band = c.plateau_tolerance
-        # Noise is measured only once the history covers `window` training steps (and five
-        # values): counted in rows, the first few steps of a dense recording, where the loss
-        # is still falling onto the plateau, would widen the band that a sparse one of the
-        # same run never gets.
-        if len(values) >= 5 and step - self.recent_ratios[0][0] >= c.window:
+        # Noise is measured only once the history covers `window` training steps:
+        # counted in rows, the first few steps of a dense recording, where the loss is still
+        # falling onto the plateau, would widen the band that a sparse one never gets.
+        if len(values) >= 3 and step - recent[0][0] >= c.window:
             changes = np.diff(values)
             spread = np.median(np.abs(changes - np.median(changes)))
             noise = 1.4826 * float(spread) / math.sqrt(2)
             band = max(band, min(c.plateau_noise_z * noise, c.plateau_tolerance_max))
-        level = float(np.median([r for s, r in self.recent_ratios if s > step - c.window / 2]))
+        level = float(np.median([r for s, r in recent if s > step - c.window / 2]))
         # The step itself, or its recent level: a clean drop onto the plateau counts at once.
         return min(abs(ratio - 1.0), abs(level - 1.0)) <= band
 

@@ -72,6 +72,21 @@ def test_recovery_needs_the_embeddings_to_spread_again():
     assert verdict.state == "healthy" and not verdict.collapsed_at_end
 
 
+def test_a_loss_leaving_the_plateau_does_not_swap_the_bound_of_a_collapse():
+    # Margin 0.2, peak spread 1.1: collapsed at 0.006, then the loss drifts to 0.95 × margin
+    # while the spread creeps to 0.03-0.04 (above 0.1 × margin, still 3 % of its peak):
+    # points that close together have not recovered, on the plateau or off it.
+    ratios = [1.5] * 10 + [1.0] * 40 + [0.95] * 60
+    distances = [1.1] * 10 + [0.006] * 40 + [0.03 + 0.0002 * i for i in range(60)]
+    verdict = analyze(stream(ratios, distances), DetectorConfig(window=20, recovery_window=10))
+    assert kinds(verdict) == [(10, "warning"), (30, "collapsed")]
+    # Spread out again (above 0.1 × the peak): recovered after the recovery window.
+    ratios += [0.5] * 30
+    distances += [0.4] * 30
+    verdict = analyze(stream(ratios, distances), DetectorConfig(window=20, recovery_window=10))
+    assert kinds(verdict)[-1] == (120, "recovered")
+
+
 def test_contraction_off_the_plateau_is_a_warning():
     # The scaled loss can fall below the margin while every point stays together.
     metrics = stream([2.0] * 10 + [0.3] * 40, [0.5] * 10 + [0.004] * 40)
@@ -359,3 +374,23 @@ def test_a_collapse_that_flickers_does_not_flap_between_collapsed_and_recovered(
     kinds = [e.kind for e in verdict.events]
     assert verdict.state == "collapsed" and kinds.count("collapsed") == 1
     assert "recovered" not in kinds
+
+
+@pytest.mark.parametrize("every", [4, 10])
+def test_the_noise_is_measured_over_a_window_of_steps_at_any_interval(every):
+    # A late collapse of 32-row batches: 300 steps with every triplet easy (loss 0), then
+    # loss/margin wobbling 1.03 ± 0.04 from step 300 while the spread is gone. Kept as a
+    # count of rows, the noise history of a sparse recording reached back into the flat
+    # loss-0 stretch (21 rows = 84 or 210 steps) and read no noise: a narrow band and a
+    # later collapse than the dense recording, whose 21 rows are the last 20 steps (up to
+    # 100 steps later at every=10). Within two intervals: one for the sampling, one for the
+    # row that first falls in the band while the noise is not yet measurable (a dense
+    # recording has `every` times as many chances of one).
+    for seed in range(8):
+        ratios = [0.0] * 300 + noisy(1.03, 0.08, 200, seed=seed)
+        distances = [1.2] * 300 + [0.03] * 200
+        rows = stream(ratios, distances)
+        dense = analyze(rows)
+        sparse = analyze(rows.iloc[::every])
+        assert dense.state == sparse.state == "collapsed"
+        assert abs(sparse.onset_step - dense.onset_step) <= 2 * every, (seed, dense, sparse)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import collapsewatch as cw
+from collapsewatch.detect import thin
 from collapsewatch.losses import BatchAllTripletLoss, BatchHardTripletLoss
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "detector.md"
@@ -299,7 +300,7 @@ def same_verdict(run: cw.Run, every: int) -> bool:
     cannot see past its last row ``L``: its state is compared with the dense one as of
     ``L``, unless the dense run changed state within one interval of ``L`` (the thinned
     rows may see that change up to an interval earlier or later)."""
-    thinned = run.metrics.iloc[::every]
+    thinned = thin(run.metrics, every)
     last = int(thinned["step"].max())
     dense = cw.analyze(run.metrics)
     at_last = cw.analyze(run.metrics[run.metrics["step"] <= last])

@@ -37,6 +37,7 @@ from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, tr
 from collapsewatch.statistics import (
     embedding_sums,
     explicit_triplet_statistics,
+    loss_change,
     nonfinite_counts,
     probe_statistics,
     rank_step_sums,
@@ -69,7 +70,8 @@ class StepRecord:
     loss: Tensor | None = None
     triplet: TripletStatistics | None = None
     reduced: tuple[Tensor, Any] | None = None  # the step's pending all_reduce, under DDP
-    # (2,) non-finite [losses, embedding entries] of the unrecorded steps before this one.
+    # (4,) non-finite [losses, embedding entries] of the unrecorded steps before this one,
+    # and [Σ |Δ loss|, number of Δ loss] over the loss calls since the previous record.
     skipped: Tensor | None = None
     # The spread of embeddings the loss made itself from unreadable arguments (no labels).
     unlabelled: TripletStatistics | None = None
@@ -170,6 +172,7 @@ class Capture:
         # device (no sync) and written with the next recorded step: a NaN burst between
         # recorded steps is never missed.
         self._skipped: Tensor | None = None
+        self._previous_loss: Tensor | None = None  # the last loss call's value
         self._recording = False  # whether the current loss call is a recorded step
         self._call_plateau: float | Tensor | None = None  # the recorded call's plateau
         self._last_rank_step: int | None = None
@@ -292,6 +295,11 @@ class Capture:
             return
         with torch.no_grad():
             record.loss = self._read_loss(output)
+            self._add_loss_change(record.loss)
+            if self._skipped is not None:
+                kept = record.embeddings if record.embeddings is not None else record.sums
+                device = kept.device if kept is not None else self._skipped.device
+                record.skipped, self._skipped = self._skipped.to(device), None
             call = record.call
             record.triplet = self._triplet_statistics(call, self._difficulty) or record.unlabelled
             if self.cadence.wants_measurement and call is not None and call.is_labelled:
@@ -331,9 +339,28 @@ class Capture:
         try:
             with torch.no_grad():
                 counts = nonfinite_counts(loss, embeddings)
-                self._skipped = counts if self._skipped is None else self._skipped + counts
+                self._add_skipped(torch.cat([counts, counts.new_zeros(2)]))
         except Exception as error:  # a monitor must not break the user's training step
             self._warn("skipped", f"watch(): cannot count non-finite values: {error!r}")
+        self._add_loss_change(loss)
+
+    def _add_loss_change(self, loss: Tensor | None) -> None:
+        """Add the change from the previous loss call's value to what the next record
+        carries (every call, recorded or not: the plateau band's noise)."""
+        if loss is None:
+            return
+        try:
+            change = loss_change(self._previous_loss, loss)
+            if change is not None:
+                self._add_skipped(torch.cat([change.new_zeros(2), change]))
+        except Exception as error:  # a monitor must not break the user's training step
+            self._warn("loss change", f"watch(): cannot measure the loss's change: {error!r}")
+        self._previous_loss = loss
+
+    def _add_skipped(self, sums: Tensor) -> None:
+        if self._skipped is not None:
+            sums = self._skipped.to(sums.device) + sums
+        self._skipped = sums
 
     def _start_record(
         self, step: int, call: LossCall | None, captured: list[Tensor]
@@ -405,8 +432,6 @@ class Capture:
             record.probe = self._run_probe()
         if call is None:
             record.unlabelled = unlabelled_statistics(embeddings, settings.distance.distance)
-        if self._skipped is not None:
-            record.skipped, self._skipped = self._skipped.to(embeddings.device), None
         self._started(record)
         return record
 

@@ -72,6 +72,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("uniformity", "uniformity", ".3f", rank_step=True),
     Column("nonfinite_count", "non-finite entries", "d", bad="high"),
     Column("nonfinite_loss_count", "non-finite losses", "d", bad="high"),
+    # The loss's step-to-step noise from every loss call (the plateau band's width).
+    Column("loss_margin_ratio_step_change", "loss / margin step-to-step change", ".4f"),
     Column("embedding_dim", "dimensions", "d"),
     Column("batch_size", "batch size", "d"),
     Column("num_valid_triplets", "valid triplets", ".0f"),

@@ -169,8 +169,8 @@ class DetectorConfig:
     ``benchmarks/calibrate_detector.py`` on four more data sets; see docs/detector.md."""
 
     plateau_tolerance: float = 0.02
-    # The band widens with the measured noise of loss/margin (z × a robust step-to-step
-    # standard deviation over the last `window` recorded steps), up to this much.
+    # The band widens with the measured noise of loss/margin (z × its step-to-step standard
+    # deviation over the last `window` training steps), up to this much.
     plateau_noise_z: float = 4.0
     plateau_tolerance_max: float = 0.1
     contraction_margin_fraction: float = 0.1
@@ -286,8 +286,9 @@ class CollapseDetector:
     peak_distance_step: int | None = None
     peak_variance: float = 0.0
     peak_direction_spread: float = 0.0  # the largest std_of_l2_normalized so far
-    # (step, loss/plateau) of the last `window` recorded steps: the plateau's level and noise.
-    recent_ratios: deque[tuple[int, float]] = field(default_factory=deque)
+    # (step, loss/plateau, its step-to-step change) of the last `window` steps' rows: the
+    # plateau's level and noise.
+    recent_ratios: deque[tuple[int, float, float]] = field(default_factory=deque)
     # The held-out probe's spread (watch(probe=...)): its latest value, carried between
     # probe steps, and its peak.
     probe_distance: float = math.nan
@@ -391,7 +392,9 @@ class CollapseDetector:
         # Without a margin (margin-free losses) the spread is judged against its own peak;
         # without a plateau level or a loss value, a sustained contraction alone is collapse.
         plateau_known = math.isfinite(ratio)
-        on_plateau = plateau_known and self._on_plateau(step, ratio)
+        on_plateau = plateau_known and self._on_plateau(
+            step, ratio, _value(row, "loss_margin_ratio_step_change")
+        )
         contracted = self._contracted(distance, self.peak_distance, margin)
         # On the plateau, a spread far below its own peak is enough: with many classes or
         # an unnormalised model it can stay above the margin-relative bound long after
@@ -539,37 +542,50 @@ class CollapseDetector:
         L2-normalises first): then their spread is the spread that matters."""
         return self.distance == "cosine" or "normalized" in self.traits
 
-    def _on_plateau(self, step: int, ratio: float) -> bool:
+    def _on_plateau(self, step: int, ratio: float, step_change: float) -> bool:
         """Whether loss/plateau sits at 1: this step's value or the median of its recorded
         values over the last ``window``/2 steps (a collapsed batch-hard loss wobbles above
         the margin by the hardest pairs' noise) within a band: the configured tolerance,
-        widened to z × the ratio's noise (1.4826 × the median absolute deviation of the
-        step-to-step changes / √2, a robust standard deviation, over the rows of the last
-        ``window`` training steps, at least three, once they cover ``window`` steps), at most
-        ``plateau_tolerance_max``. Small batches wobble more: their band is wider. The
-        changes are taken about their median so that a steady trend (a loss still falling
-        onto the plateau) is not read as noise: a trend's change between recorded steps
-        grows with the recording interval, batch noise does not."""
+        widened to z × the ratio's noise σ, at most ``plateau_tolerance_max``, once the rows
+        cover ``window`` training steps. Small batches wobble more: their band is wider.
+
+        σ is measured over the last ``window`` training steps. From
+        ``loss_margin_ratio_step_change`` (the mean |Δ| between consecutive loss calls,
+        every call counted, weighted by the calls each row covers): σ = mean |Δ| · √π / 2,
+        the standard deviation of a step's noise when Δ, the difference of two, is normal;
+        the same steps at any recording interval. Without it (older run files): 1.4826 × the
+        median absolute deviation of the changes between recorded rows, about their median,
+        / √2; those changes mix in the trend between rows, which grows with the interval."""
         c = self.config
         recent = self.recent_ratios
-        recent.append((step, ratio))
+        recent.append((step, ratio, step_change))
         # The history is `window` training steps (the newest row at or before its start
         # included, so that it spans them), never fewer than three rows: kept as a count of
         # rows, a sparse recording would measure its noise over a longer stretch of the run
         # than a dense one (at every=10, 21 rows are 200 steps) and read a different band.
         while len(recent) > 3 and recent[1][0] <= step - c.window:
             recent.popleft()
-        values = np.asarray([r for _, r in recent])
         band = c.plateau_tolerance
         # Noise is measured only once the history covers `window` training steps:
         # counted in rows, the first few steps of a dense recording, where the loss is still
         # falling onto the plateau, would widen the band that a sparse one never gets.
-        if len(values) >= 3 and step - recent[0][0] >= c.window:
-            changes = np.diff(values)
-            spread = np.median(np.abs(changes - np.median(changes)))
-            noise = 1.4826 * float(spread) / math.sqrt(2)
+        if len(recent) >= 3 and step - recent[0][0] >= c.window:
+            rows = list(recent)
+            # Each row's change covers the calls since the row before it.
+            covered = [
+                (s - rows[i - 1][0], change)
+                for i, (s, _, change) in enumerate(rows)
+                if i > 0 and s > step - c.window and math.isfinite(change)
+            ]
+            if covered:
+                calls = sum(n for n, _ in covered)
+                noise = sum(n * change for n, change in covered) / calls * math.sqrt(math.pi) / 2
+            else:
+                changes = np.diff([r for _, r, _ in rows])
+                spread = np.median(np.abs(changes - np.median(changes)))
+                noise = 1.4826 * float(spread) / math.sqrt(2)
             band = max(band, min(c.plateau_noise_z * noise, c.plateau_tolerance_max))
-        level = float(np.median([r for s, r in recent if s > step - c.window / 2]))
+        level = float(np.median([r for s, r, _ in recent if s > step - c.window / 2]))
         # The step itself, or its recent level: a clean drop onto the plateau counts at once.
         return min(abs(ratio - 1.0), abs(level - 1.0)) <= band
 
@@ -776,6 +792,21 @@ def verdict_from_events(events: Iterable[Event], state: str, last_step: int | No
         events=events,
         diverged_step=next((e.step for e in events if e.kind == "diverged"), None),
     )
+
+
+def thin(metrics: pd.DataFrame, every: int) -> pd.DataFrame:
+    """The rows a recording at ``every`` would hold, from one of every step: every
+    ``every``-th row, each with ``loss_margin_ratio_step_change`` averaged over the steps
+    since the row before it (what ``watch()`` accumulates over unrecorded steps). For
+    checking that a verdict does not depend on the recording interval."""
+    if every < 1:
+        raise ValueError(f"every must be a positive number of steps, got {every}")
+    column = "loss_margin_ratio_step_change"
+    kept = metrics.iloc[::every].copy()
+    if column in metrics:
+        block = (np.arange(len(metrics)) + every - 1) // every
+        kept[column] = metrics[column].groupby(block).mean().to_numpy()[: len(kept)]
+    return kept
 
 
 def analyze(

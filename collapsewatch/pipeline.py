@@ -92,7 +92,7 @@ def stack_step_vectors(records: list[StepRecord]) -> Tensor:
     sums = torch.stack([r.sums for r in records])  # type: ignore[misc]  # all reduced by now
     skipped = None
     if any(r.skipped is not None for r in records):
-        none = sums.new_zeros(2)
+        none = sums.new_zeros(4)
         skipped = torch.stack([none if r.skipped is None else r.skipped for r in records])
     return step_vectors([r.loss for r in records], [r.triplet for r in records], sums, skipped)
 

@@ -33,6 +33,10 @@ nonfinite_count        NaN/inf entries among the step's embeddings, plus those o
                        unrecorded steps since the previous recorded one
 nonfinite_loss_count   non-finite (NaN/inf) loss values at this step and at the unrecorded
                        steps since the previous recorded one
+loss_margin_ratio_step_change  mean |Δ loss| / plateau between consecutive loss calls, over
+                       the calls since the previous recorded step (this one's included):
+                       the batch noise of the loss from every training step, whatever the
+                       recording interval; NaN without a plateau or a previous call
 embedding_dim          D
 batch_size             N, rows of the step's embeddings (finite and not)
 num_valid_triplets     valid (a, p, n) triplets the statistics were computed over
@@ -78,8 +82,9 @@ CLASS_BUCKETS = 1024
 # Relative size under which tr Σ_T is rounding noise of Σ‖z‖² (all rows equal): ratio unknown.
 _ROUNDING = 1e-12
 
-# Layout of a step vector: [loss, triplet sums…, embedding sums…, non-finite losses], the
-# embedding sums being
+# Layout of a step vector: [loss, triplet sums…, embedding sums…, non-finite losses,
+# Σ |Δ loss|, number of Δ loss] (the last two over the loss calls since the previous recorded
+# step: `loss_changes`), the embedding sums being
 # [rows, finite rows, non-finite entries, Σ‖z‖, Σ z², Σ_i z_i (D), Σ_i ẑ_i (D), Σ_i ẑ_i² (D)].
 _TRIPLET = slice(1, 1 + len(STATISTIC_FIELDS))
 _EMBEDDING = 1 + len(STATISTIC_FIELDS)
@@ -91,7 +96,7 @@ _PAIR_SUMS = 4
 
 def step_vector_size(dim: int) -> int:
     """Length of a step vector for embeddings of dimension ``dim`` (without the Gram)."""
-    return _EMBEDDING + _SCALARS + 3 * dim + 1
+    return _EMBEDDING + _SCALARS + 3 * dim + 3
 
 
 def rank_step_size(dim: int, buckets: int = CLASS_BUCKETS) -> int:
@@ -185,13 +190,15 @@ def step_vectors(
     skipped: Tensor | None = None,
 ) -> Tensor:
     """S steps' vectors, (S, step_vector_size(D)) float64: [loss, triplet sums,
-    ``embedding_sums(z)``, non-finite losses] each, NaN where the loss or its statistics are
-    unknown.
+    ``embedding_sums(z)``, non-finite losses, Σ |Δ loss|, number of Δ loss] each, NaN where
+    the loss or its statistics are unknown.
 
     ``losses``: S 0-d tensors or None; ``triplets``: S ``TripletStatistics`` or None;
-    ``embedding_sums``: (S, 5 + 3D); ``skipped``: (S, 2) [non-finite losses, non-finite
+    ``embedding_sums``: (S, 5 + 3D); ``skipped``: (S, 4) [non-finite losses, non-finite
     embedding entries] counted over the unrecorded steps before each (:func:`nonfinite_counts`),
-    added to the step's own. A handful of kernels whatever S is.
+    added to the step's own, and [Σ |Δ loss|, number of Δ loss] over the loss calls since the
+    previous recorded step, this one's included (:func:`loss_change`). A handful of kernels
+    whatever S is.
     """
     unknown = embedding_sums.new_full((len(STATISTIC_FIELDS),), torch.nan)
     # A loss read as a Python number (loss_value=) is a CPU tensor: moved, it syncs nothing
@@ -203,14 +210,17 @@ def step_vectors(
     known = torch.tensor([v is not None for v in losses], device=device)
     nonfinite_losses = (known & ~torch.isfinite(loss)).to(embedding_sums)
     sums = embedding_sums
+    changes = embedding_sums.new_zeros((len(losses), 2))
     if skipped is not None:
         skipped = skipped.to(embedding_sums)
         nonfinite_losses = nonfinite_losses + skipped[:, 0]
         sums = sums.clone()
         sums[:, 2] += skipped[:, 1]
+        changes = skipped[:, 2:]
     triplet = torch.stack([unknown if t is None else t.values for t in triplets])
     return torch.cat(
-        [loss[:, None], triplet.to(embedding_sums), sums, nonfinite_losses[:, None]], dim=1
+        [loss[:, None], triplet.to(embedding_sums), sums, nonfinite_losses[:, None], changes],
+        dim=1,
     )
 
 
@@ -225,6 +235,18 @@ def nonfinite_counts(loss: Tensor | None, embeddings: Sequence[Tensor]) -> Tenso
     for e in embeddings:
         counts[1] += (~torch.isfinite(e.detach())).sum().to(device=device, dtype=torch.float64)
     return counts
+
+
+def loss_change(previous: Tensor | None, loss: Tensor | None) -> Tensor | None:
+    """(2,) float64 [|loss − previous|, 1] on ``loss``'s device when both are finite, else
+    [0, 0]; None without both. No host sync: summed over the loss calls between recorded
+    steps, it gives the loss's step-to-step noise from every call, not only the recorded
+    ones (changes between recorded steps k calls apart would mix in k steps of trend)."""
+    if previous is None or loss is None:
+        return None
+    change = loss.detach().to(torch.float64) - previous.detach().to(loss.device, torch.float64)
+    known = torch.isfinite(change)
+    return torch.stack([torch.where(known, change.abs(), 0.0), known.to(torch.float64)])
 
 
 def explicit_triplet_statistics(
@@ -395,8 +417,11 @@ def derive_metrics(
     one (S,) array per name in ``METRIC_COLUMNS``.
     """
     plateau = margin if plateau is None else plateau
+    plateau_or_nan = np.nan if plateau is None else plateau
     vectors = np.asarray(vectors, dtype=np.float64).reshape(len(steps), -1)
     loss = vectors[:, 0] / world_size
+    # Summed over ranks, the count too: the mean over ranks of each rank's change.
+    change_sum, change_count = vectors[:, -2], vectors[:, -1]
     triplet = ratios_of(torch.from_numpy(vectors[:, _TRIPLET])).numpy()
     e = vectors[:, _EMBEDDING:]
     rows, finite_rows, nonfinite, norm_sum, square_sum = e[:, :_SCALARS].T
@@ -414,6 +439,7 @@ def derive_metrics(
         )
         unit_variance = np.where(spread, (unit_square_sums - unit_sums**2 / n) / (n - 1), 0.0)
         norm_mean = np.where(finite_rows > 0, norm_sum / finite_rows, 0.0)
+        step_change = np.where(change_count > 0, change_sum / change_count, np.nan)
     geometry = {name: np.full(len(steps), np.nan) for name in RANK_STEP_COLUMNS}
     for row, payload in (rank_sums or {}).items():
         values = _geometry(payload, dim, square_sum[row], sums[row], finite_rows[row])
@@ -429,13 +455,14 @@ def derive_metrics(
         "time": np.asarray(times, dtype=np.float64),
         "loss": loss,
         "margin": np.full(len(steps), np.nan if margin is None else margin),
-        "loss_margin_ratio": loss / (np.nan if plateau is None else plateau),
+        "loss_margin_ratio": loss / plateau_or_nan,
         "embedding_variance": np.maximum(variance, 0.0),
         "embedding_norm_mean": norm_mean,
         "std_of_l2_normalized": np.sqrt(np.maximum(unit_variance, 0.0)).mean(axis=1),
         **geometry,
         "nonfinite_count": nonfinite.astype(np.int64),
-        "nonfinite_loss_count": vectors[:, -1].astype(np.int64),
+        "nonfinite_loss_count": vectors[:, -3].astype(np.int64),
+        "loss_margin_ratio_step_change": step_change / plateau_or_nan,
         "embedding_dim": np.full(len(steps), dim, dtype=np.int64),
         "batch_size": rows.astype(np.int64),
         "num_valid_triplets": vectors[:, _TRIPLET][:, STATISTIC_FIELDS.index("num_valid_triplets")],

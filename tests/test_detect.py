@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapsewatch.detect import CollapseDetector, DetectorConfig, analyze, verdict_from_events
+from collapsewatch.detect import (
+    CollapseDetector,
+    DetectorConfig,
+    analyze,
+    thin,
+    verdict_from_events,
+)
 
 
 def stream(ratios, distances, *, margin=0.2, start=0, **extra):
@@ -394,3 +400,26 @@ def test_the_noise_is_measured_over_a_window_of_steps_at_any_interval(every):
         sparse = analyze(rows.iloc[::every])
         assert dense.state == sparse.state == "collapsed"
         assert abs(sparse.onset_step - dense.onset_step) <= 2 * every, (seed, dense, sparse)
+
+
+@pytest.mark.parametrize("tau", [12.0, 20.0])
+def test_the_noise_of_every_step_keeps_a_curving_loss_interval_free(tau):
+    # A loss settling onto the plateau along a curve (1 + 0.8 e^(−t/τ), noise 0.004) with
+    # the points together from step 3. Changes between rows 4 steps apart carry 4 steps of
+    # the curve; read as noise they widen the band and the collapse is confirmed up to 21
+    # steps earlier than from every row. The loss's change between consecutive steps,
+    # accumulated over every step, is the same at any interval.
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        t = np.arange(200)
+        ratios = 1.0 + 0.8 * np.exp(-t / tau) + rng.normal(0, 0.004, 200)
+        metrics = stream(list(ratios), [0.5] * 3 + [0.01] * 197)
+        metrics["loss_margin_ratio_step_change"] = np.r_[np.nan, np.abs(np.diff(ratios))]
+        dense = analyze(metrics).onset_step
+        assert dense is not None
+        assert abs(analyze(thin(metrics, 4)).onset_step - dense) <= 4, seed
+
+
+def test_thin_needs_a_positive_interval():
+    with pytest.raises(ValueError, match="every must be a positive number of steps, got 0"):
+        thin(stream([1.0] * 3, [0.1] * 3), 0)

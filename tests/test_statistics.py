@@ -16,6 +16,7 @@ from collapsewatch.statistics import (
     effective_rank,
     embedding_sums,
     explicit_triplet_statistics,
+    loss_change,
     nonfinite_counts,
     probe_statistics,
     rank_step_size,
@@ -93,8 +94,9 @@ def test_every_column_matches_a_direct_computation():
         },
     }
     assert set(m) == set(METRIC_COLUMNS)
-    assert set(direct) == set(METRIC_COLUMNS) - {"step", "time", *PROBE_COLUMNS}
-    assert all(np.isnan(m[name][0]) for name in PROBE_COLUMNS)  # no probe given
+    no_history = {"loss_margin_ratio_step_change"}  # one step: no previous loss call
+    assert set(direct) == set(METRIC_COLUMNS) - {"step", "time", *PROBE_COLUMNS, *no_history}
+    assert all(np.isnan(m[name][0]) for name in (*PROBE_COLUMNS, *no_history))
     for name, value in direct.items():
         assert m[name][0] == pytest.approx(value, rel=1e-9, abs=1e-12), name
     assert m["step"].dtype == np.int64 and m["time"][0] == 1.5e9
@@ -151,10 +153,19 @@ def test_non_finite_losses_and_unrecorded_steps_add_to_the_counts():
     assert skipped.tolist() == [2.0, 4.0]
     sums = embedding_sums(torch.stack([z, z]))
     losses = [torch.tensor(float("nan")), None]  # a NaN loss, then an unknown one (not NaN)
-    vectors = step_vectors(losses, [None, None], sums, torch.stack([torch.zeros(2), skipped]))
+    # The loss's changes between consecutive calls: 1.0 → 1.15 → 1.0 → NaN (unknown).
+    one, more = torch.tensor(1.0), torch.tensor(1.15)
+    changes = loss_change(one, more) + loss_change(more, one) + loss_change(one, losses[0])
+    assert changes.tolist() == pytest.approx([0.3, 2.0])
+    assert loss_change(None, one) is None
+    skipped = torch.stack([torch.zeros(4), torch.cat([skipped, changes])])
+    vectors = step_vectors(losses, [None, None], sums, skipped)
     m = derive(vectors.numpy(), dim=4)
     assert list(m["nonfinite_loss_count"]) == [1, 2]
     assert list(m["nonfinite_count"]) == [0, 4]
+    # Mean |Δ| / margin over the two known changes; none before the first row.
+    assert math.isnan(m["loss_margin_ratio_step_change"][0])
+    assert m["loss_margin_ratio_step_change"][1] == pytest.approx(0.15 / 0.3)
     assert math.isnan(m["loss"][0]) and math.isnan(m["loss"][1])
 
 

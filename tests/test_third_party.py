@@ -124,8 +124,13 @@ def assert_nan_columns_explained(trained: Trained) -> None:
     """No all-NaN column without the warning that explains it."""
     said = " ".join(trained.warnings)
     explanations = {
-        "no margin": {"margin", "loss_margin_ratio", *MARGIN_RELATIVE},
-        "cannot read a loss value": {"loss", "loss_margin_ratio"},
+        "no margin": {
+            "margin",
+            "loss_margin_ratio",
+            "loss_margin_ratio_step_change",
+            *MARGIN_RELATIVE,
+        },
+        "cannot read a loss value": {"loss", "loss_margin_ratio", "loss_margin_ratio_step_change"},
         "embedding statistics only": {
             *TRIPLET_COLUMNS,
             *MARGIN_RELATIVE,

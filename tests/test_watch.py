@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import socket
 import subprocess
@@ -613,3 +614,30 @@ def test_any_loss_can_hand_watch_its_own_statistics(tmp_path):
         assert want["mean_pairwise_distance"] != pytest.approx(euclidean["mean_pairwise_distance"])
         for name in ("mean_pairwise_distance", "frac_hard", "frac_semihard", "frac_easy"):
             assert getattr(row, name) == pytest.approx(want[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_loss_noise_column_counts_every_loss_call_at_any_interval(tmp_path, every):
+    # loss_margin_ratio_step_change: the mean |Δ loss| / margin between consecutive loss
+    # calls since the previous recorded row, recorded or not; checked against the losses
+    # the training loop itself saw.
+    net, loss_fn = model(3), cw.losses.BatchHardTripletLoss(margin=0.2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    with cw.watch(net, loss_fn, logdir=tmp_path, run="noise", every=every) as w:
+        for step in range(13):
+            x, y = batch(step)
+            loss = loss_fn(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    m = cw.load_run(w.path).metrics
+    recorded = list(m["step"])
+    assert recorded == list(range(0, 13, every))
+    change = m["loss_margin_ratio_step_change"].to_numpy()
+    assert math.isnan(change[0])  # no call before the first
+    for row, (previous, step) in enumerate(itertools.pairwise(recorded), start=1):
+        calls = range(previous + 1, step + 1)
+        want = sum(abs(losses[t] - losses[t - 1]) for t in calls) / len(calls) / 0.2
+        assert change[row] == pytest.approx(want, rel=1e-5), step

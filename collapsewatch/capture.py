@@ -37,7 +37,7 @@ from collapsewatch.losses.functional import AnchorSampler, TripletStatistics, tr
 from collapsewatch.statistics import (
     embedding_sums,
     explicit_triplet_statistics,
-    loss_change,
+    loss_changes,
     nonfinite_counts,
     probe_statistics,
     rank_step_sums,
@@ -172,7 +172,9 @@ class Capture:
         # device (no sync) and written with the next recorded step: a NaN burst between
         # recorded steps is never missed.
         self._skipped: Tensor | None = None
-        self._previous_loss: Tensor | None = None  # the last loss call's value
+        # The loss values since the last recorded step (its own first): their consecutive
+        # changes are summed at the next recorded step, in one go (no kernel per call).
+        self._losses: list[Tensor] = []
         self._recording = False  # whether the current loss call is a recorded step
         self._call_plateau: float | Tensor | None = None  # the recorded call's plateau
         self._last_rank_step: int | None = None
@@ -278,7 +280,10 @@ class Capture:
         record, self._current = self._current, None
         if not self._recording:
             with torch.no_grad():
-                self._count_skipped(self._read_loss(output), [])
+                loss = self._read_loss(output)
+                self._count_skipped(loss, [])
+            # Kept for the next recorded step; an unknown value breaks the chain of calls.
+            self._losses = [] if loss is None else [*self._losses, loss]
             return
         if self._deferred is not None:
             embeddings = self._inside or self._captured
@@ -295,11 +300,7 @@ class Capture:
             return
         with torch.no_grad():
             record.loss = self._read_loss(output)
-            self._add_loss_change(record.loss)
-            if self._skipped is not None:
-                kept = record.embeddings if record.embeddings is not None else record.sums
-                device = kept.device if kept is not None else self._skipped.device
-                record.skipped, self._skipped = self._skipped.to(device), None
+            self._attach_skipped(record)
             call = record.call
             record.triplet = self._triplet_statistics(call, self._difficulty) or record.unlabelled
             if self.cadence.wants_measurement and call is not None and call.is_labelled:
@@ -339,28 +340,35 @@ class Capture:
         try:
             with torch.no_grad():
                 counts = nonfinite_counts(loss, embeddings)
-                self._add_skipped(torch.cat([counts, counts.new_zeros(2)]))
+                self._skipped = counts if self._skipped is None else self._skipped + counts
         except Exception as error:  # a monitor must not break the user's training step
             self._warn("skipped", f"watch(): cannot count non-finite values: {error!r}")
-        self._add_loss_change(loss)
 
-    def _add_loss_change(self, loss: Tensor | None) -> None:
-        """Add the change from the previous loss call's value to what the next record
-        carries (every call, recorded or not: the plateau band's noise)."""
-        if loss is None:
+    def _attach_skipped(self, record: StepRecord) -> None:
+        """Give a recorded step what the calls since the previous one left: their non-finite
+        counts, and the changes between consecutive loss values (every call, recorded or
+        not: the plateau band's noise), this step's loss included."""
+        earlier, self._losses = self._losses, []
+        changes = None
+        if record.loss is not None:
+            self._losses = [record.loss]
+            try:
+                changes = loss_changes([*earlier, record.loss])
+            except Exception as error:  # a monitor must not break the user's training step
+                self._warn("loss change", f"watch(): cannot measure the loss's change: {error!r}")
+        counts, self._skipped = self._skipped, None
+        if counts is None and changes is None:
             return
-        try:
-            change = loss_change(self._previous_loss, loss)
-            if change is not None:
-                self._add_skipped(torch.cat([change.new_zeros(2), change]))
-        except Exception as error:  # a monitor must not break the user's training step
-            self._warn("loss change", f"watch(): cannot measure the loss's change: {error!r}")
-        self._previous_loss = loss
-
-    def _add_skipped(self, sums: Tensor) -> None:
-        if self._skipped is not None:
-            sums = self._skipped.to(sums.device) + sums
-        self._skipped = sums
+        kept = record.embeddings if record.embeddings is not None else record.sums
+        assert kept is not None  # _start_record keeps the embeddings or their sums
+        device = kept.device
+        none = torch.zeros(2, dtype=torch.float64, device=device)
+        record.skipped = torch.cat(
+            [
+                none if counts is None else counts.to(device),
+                none if changes is None else changes.to(device),
+            ]
+        )
 
     def _start_record(
         self, step: int, call: LossCall | None, captured: list[Tensor]

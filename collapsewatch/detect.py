@@ -797,7 +797,7 @@ def verdict_from_events(events: Iterable[Event], state: str, last_step: int | No
 def thin(metrics: pd.DataFrame, every: int) -> pd.DataFrame:
     """The rows a recording at ``every`` would hold, from one of every step: every
     ``every``-th row, each with ``loss_margin_ratio_step_change`` averaged over the steps
-    since the row before it (what ``watch()`` accumulates over unrecorded steps). For
+    since the row before it (what ``watch()`` sums over unrecorded steps). For
     checking that a verdict does not depend on the recording interval."""
     if every < 1:
         raise ValueError(f"every must be a positive number of steps, got {every}")

@@ -197,7 +197,7 @@ def step_vectors(
     ``embedding_sums``: (S, 5 + 3D); ``skipped``: (S, 4) [non-finite losses, non-finite
     embedding entries] counted over the unrecorded steps before each (:func:`nonfinite_counts`),
     added to the step's own, and [Σ |Δ loss|, number of Δ loss] over the loss calls since the
-    previous recorded step, this one's included (:func:`loss_change`). A handful of kernels
+    previous recorded step, this one's included (:func:`loss_changes`). A handful of kernels
     whatever S is.
     """
     unknown = embedding_sums.new_full((len(STATISTIC_FIELDS),), torch.nan)
@@ -237,16 +237,20 @@ def nonfinite_counts(loss: Tensor | None, embeddings: Sequence[Tensor]) -> Tenso
     return counts
 
 
-def loss_change(previous: Tensor | None, loss: Tensor | None) -> Tensor | None:
-    """(2,) float64 [|loss − previous|, 1] on ``loss``'s device when both are finite, else
-    [0, 0]; None without both. No host sync: summed over the loss calls between recorded
-    steps, it gives the loss's step-to-step noise from every call, not only the recorded
-    ones (changes between recorded steps k calls apart would mix in k steps of trend)."""
-    if previous is None or loss is None:
+def loss_changes(values: Sequence[Tensor]) -> Tensor | None:
+    """(2,) float64 [Σ_t |v_t − v_{t−1}|, number of terms] over consecutive pairs of the 0-d
+    loss values ``values`` (one per loss call, in order) where both are finite, on the last
+    value's device, no host sync; None for fewer than two. Summed over the calls between
+    recorded steps, it gives the loss's step-to-step noise from every call, not only the
+    recorded ones (changes between recorded steps k calls apart mix in k steps of trend).
+    """
+    if len(values) < 2:
         return None
-    change = loss.detach().to(torch.float64) - previous.detach().to(loss.device, torch.float64)
-    known = torch.isfinite(change)
-    return torch.stack([torch.where(known, change.abs(), 0.0), known.to(torch.float64)])
+    last = values[-1]
+    stacked = torch.stack([v.detach().to(last.device, last.dtype) for v in values])
+    changes = stacked.to(torch.float64).diff()
+    known = torch.isfinite(changes)
+    return torch.stack([torch.where(known, changes.abs(), 0.0).sum(), known.sum().to(changes)])
 
 
 def explicit_triplet_statistics(

@@ -16,7 +16,7 @@ from collapsewatch.statistics import (
     effective_rank,
     embedding_sums,
     explicit_triplet_statistics,
-    loss_change,
+    loss_changes,
     nonfinite_counts,
     probe_statistics,
     rank_step_size,
@@ -153,11 +153,12 @@ def test_non_finite_losses_and_unrecorded_steps_add_to_the_counts():
     assert skipped.tolist() == [2.0, 4.0]
     sums = embedding_sums(torch.stack([z, z]))
     losses = [torch.tensor(float("nan")), None]  # a NaN loss, then an unknown one (not NaN)
-    # The loss's changes between consecutive calls: 1.0 → 1.15 → 1.0 → NaN (unknown).
+    # The loss's changes between consecutive calls: 1.0 → 1.15 → 1.0 → NaN, then 2.0
+    # (the two changes that touch the NaN are not known).
     one, more = torch.tensor(1.0), torch.tensor(1.15)
-    changes = loss_change(one, more) + loss_change(more, one) + loss_change(one, losses[0])
+    changes = loss_changes([one, more, one, losses[0], torch.tensor(2.0)])
     assert changes.tolist() == pytest.approx([0.3, 2.0])
-    assert loss_change(None, one) is None
+    assert loss_changes([one]) is None
     skipped = torch.stack([torch.zeros(4), torch.cat([skipped, changes])])
     vectors = step_vectors(losses, [None, None], sums, skipped)
     m = derive(vectors.numpy(), dim=4)

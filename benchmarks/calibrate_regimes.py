@@ -147,20 +147,25 @@ def _batches(labels: np.ndarray, regime: Regime, rng: np.random.Generator):
 
 
 def _truth_probe(model: nn.Module, train: Tensor, train_y: np.ndarray, held: Tensor,
-                 held_y: np.ndarray, distance: str) -> tuple[float, float]:  # fmt: skip
+                 held_y: np.ndarray, distance: str) -> tuple[float, float, float]:  # fmt: skip
+    """The held-out mean pairwise distance, 5-NN accuracy and mean distance between rows of
+    different classes (shown beside the truth, not part of it: unlike the mean over all
+    pairs it does not depend on how many rows of a class a batch holds)."""
     model.eval()
     with torch.no_grad():
         fitted, probe = model(train), model(held)
     model.train()
     if not (torch.isfinite(fitted).all() and torch.isfinite(probe).all()):
-        return math.nan, math.nan  # diverged: no geometry left to judge
+        return math.nan, math.nan, math.nan  # diverged: no geometry left to judge
     if distance == "cosine":
         unit = F.normalize(probe, dim=1)
-        spread = float((1 - unit @ unit.T).mean())
+        pairs = 1 - unit @ unit.T
     else:
-        spread = float(torch.cdist(probe, probe).mean())
+        pairs = torch.cdist(probe, probe)
+    labels = torch.from_numpy(held_y)
+    between = pairs[labels[:, None] != labels[None, :]]
     knn = KNeighborsClassifier(5).fit(fitted.numpy(), train_y)
-    return spread, float(knn.score(probe.numpy(), held_y))
+    return float(pairs.mean()), float(knn.score(probe.numpy(), held_y)), float(between.mean())
 
 
 @dataclass
@@ -181,6 +186,8 @@ class Outcome:
     # The recorded rows thinned to every 4th / 10th step and replayed: the same end state and
     # an onset within one interval of the dense one.
     interval_agrees: tuple[bool, ...] = ()
+    # (step, held-out spread / its peak so far, between-class spread / its peak so far)
+    probe_ratios: tuple[tuple[int, float, float], ...] = ()
 
     FAILED = ("collapsed", "diverged")
 
@@ -232,18 +239,18 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_of(0), momentum=0.9)
     batches = _batches(y_train, regime, rng)
     labels = torch.from_numpy(y_train)
-    probes: list[tuple[int, float, float]] = []
+    probes: list[tuple[int, float, float, float]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with cw.watch(model, loss_fn, logdir=logdir, run=f"{regime.name}-{seed}", every=1,
                       on_collapse="ignore", **regime.options) as watcher:  # fmt: skip
             for step in range(regime.steps):
                 if step % PROBE_EVERY == 0:
-                    spread, knn = _truth_probe(
+                    spread, knn, between = _truth_probe(
                         model, train_t[fit_rows], y_train[fit_rows], held_t, y_held,
                         regime.distance,
                     )  # fmt: skip
-                    probes.append((step, spread, knn))
+                    probes.append((step, spread, knn, between))
                 if regime.switch is not None:
                     regime.switch(step, loss_fn)
                 for group in optimizer.param_groups:
@@ -255,12 +262,14 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
                 optimizer.step()
     collapsed_at = []
     peak = 0.0
-    diverged = any(math.isnan(spread) for _, spread, _ in probes)
-    for i, (step, spread, knn) in enumerate(probes):
+    diverged = any(math.isnan(spread) for _, spread, _, _ in probes)
+    ratios, peak_between = [], 0.0
+    for i, (step, spread, knn, between) in enumerate(probes):
         if math.isnan(spread):  # diverged: counted as failed, like the detector's states
             collapsed_at.append((step, True))
             continue
-        peak = max(peak, spread)
+        peak, peak_between = max(peak, spread), max(peak_between, between)
+        ratios.append((step, spread / peak, between / peak_between))
         # kNN near chance says "never separated" only from the last probes on: at random
         # initialisation, with many classes, every model is near chance.
         low_knn = i >= len(probes) - 3 and knn < chance + KNN_SHARE * (raw_knn - chance)
@@ -290,7 +299,7 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
     return Outcome(
         regime, seed, truth_end, truth_onset, truth_ever, state, onset, failed_once,
         probes[-1][2], raw_knn, chance, time.perf_counter() - started, diverged,
-        interval_agrees,
+        interval_agrees, tuple(ratios),
     )  # fmt: skip
 
 
@@ -434,6 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--logdir", type=Path, help="keep the run files here (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--probes",
+        type=int,
+        metavar="STEP",
+        help="also print each run's held-out spread / peak (over all pairs; between classes) "
+        "at every probe up to STEP",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     chosen = [r for r in REGIMES if not args.only or r.name in args.only]
@@ -450,6 +466,13 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+                if args.probes is not None:
+                    shown = [
+                        f"{step}: {spread:.3f} ({between:.3f})"
+                        for step, spread, between in outcome.probe_ratios
+                        if step <= args.probes
+                    ]
+                    print("  held-out spread / peak:", ", ".join(shown), file=sys.stderr)
     text = table(outcomes)
     print(text)
     if args.write_doc:

@@ -352,6 +352,9 @@ REGIMES = [
            classes=100, features=100, classes_per_batch=32, per_class=4),
     Regime("batch-32", "P×K = 4×8, batch-hard, lr 0.5", "collapse",
            lambda: BatchHardTripletLoss(margin=0.2), 0.5, classes_per_batch=4, per_class=8),
+    Regime("batch-32-many-classes", "P×K = 8×4 on 100 classes, unnormalised, margin 1, "
+           "batch-hard, lr 0.2", "collapse", lambda: BatchHardTripletLoss(margin=1.0), 0.2,
+           classes=100, features=100, normalize=False, classes_per_batch=8, per_class=4),
     Regime("batch-32-healthy", "P×K = 4×8, batch-hard scaled, lr 0.05", "healthy",
            lambda: BatchHardTripletLoss(margin=0.2, scaled=True), 0.05, classes_per_batch=4,
            per_class=8),

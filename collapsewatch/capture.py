@@ -283,7 +283,10 @@ class Capture:
                 loss = self._read_loss(output)
                 self._count_skipped(loss, [])
             # Kept for the next recorded step; an unknown value breaks the chain of calls.
-            self._losses = [] if loss is None else [*self._losses, loss]
+            if loss is None:
+                self._losses.clear()
+            else:
+                self._losses.append(loss)
             return
         if self._deferred is not None:
             embeddings = self._inside or self._captured

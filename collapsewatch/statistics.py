@@ -246,9 +246,9 @@ def loss_changes(values: Sequence[Tensor]) -> Tensor | None:
     """
     if len(values) < 2:
         return None
-    last = values[-1]
-    stacked = torch.stack([v.detach().to(last.device, last.dtype) for v in values])
-    changes = stacked.to(torch.float64).diff()
+    # Straight to float64: calls of mixed precision (autocast) lose nothing to the last's.
+    device = values[-1].device
+    changes = torch.stack([v.detach().to(device, torch.float64) for v in values]).diff()
     known = torch.isfinite(changes)
     return torch.stack([torch.where(known, changes.abs(), 0.0).sum(), known.sum().to(changes)])
 

@@ -392,3 +392,12 @@ def test_effective_rank_is_that_of_the_centred_batch():
     assert uncentred < 1.5
     assert m["effective_rank"][0] == pytest.approx(rankme(z), rel=1e-9)
     assert m["effective_rank"][0] > 7.5
+
+
+def test_loss_changes_of_mixed_precision_calls_are_exact_in_float64():
+    # Under autocast a loop can log a float32 loss, then a bfloat16 one: a change of 1e-4
+    # survives (bfloat16's step near 1 is 2⁻⁷ ≈ 0.008, so casting both to it would read 0).
+    precise, rounded = torch.tensor(1.0001, dtype=torch.float32), torch.tensor(1.0).bfloat16()
+    changes = loss_changes([precise, rounded])
+    assert changes.dtype == torch.float64
+    assert changes.tolist() == pytest.approx([float(precise) - 1.0, 1.0], rel=1e-6)

@@ -4,16 +4,23 @@ Each run trains a small MLP embedder on a scikit-learn data set under ``watch()`
 and, every ``PROBE_EVERY`` steps, measures the truth on a held-out split with its own code
 (never collapsewatch's): the model in eval mode under no_grad, the held-out embeddings'
 mean pairwise distance (under the loss's distance) and 5-NN accuracy (fitted on a training
-split's embeddings). The truth, fixed before any run:
+split's embeddings). The truth (revised once, see below):
 
 * **collapsed** at a probe step when the held-out spread is below 0.1 × its largest value so
-  far, or, at the last three probes, the 5-NN accuracy is below chance + 0.25 × (raw-input
-  5-NN − chance) (a model that never separated anything); non-finite held-out embeddings
-  are **diverged** (failed, like the detector's "collapsed" and "diverged");
-* the run is **collapsed at its end** if the last three probes are collapsed; the truth
-  **onset** is the first probe of the last unbroken collapsed stretch (or of the first
-  stretch, for a run that recovers);
-* otherwise healthy.
+  far, or, at the last ``CONFIRM_PROBES`` probes, the 5-NN accuracy is below chance + 0.25 ×
+  (raw-input 5-NN − chance) (a model that never separated anything); non-finite held-out
+  embeddings are **diverged** (failed, like the detector's "collapsed" and "diverged");
+* a **collapse** begins with ``CONFIRM_PROBES`` collapsed probes in a row and ends with
+  ``RECOVERY_PROBES`` that are not: each probe stands for the ``PROBE_EVERY`` steps around
+  it, so a stretch of them stands for the detector's ``window`` (and ``recovery_window``)
+  of 20 training steps; its **onset** is the first probe of that stretch;
+* the run is **collapsed at its end** if its last collapse has not ended, **recovered** if it
+  has, otherwise healthy.
+
+Revised once: the first rule probed every 10 steps and asked for three collapsed probes in a
+row at the end (or anywhere, for a collapse that recovered), which stands for 30 steps, half
+again the detector's 20, and counted a single clear probe as a recovery. docs/detector.md
+gives both tables.
 
 A **false alarm** is a run healthy at its end (by the truth) whose detector state at the end
 is "warning" or "collapsed", or a run never collapsed by the truth with a collapse event; a
@@ -55,7 +62,11 @@ from collapsewatch.losses import BatchAllTripletLoss, BatchHardTripletLoss
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "detector.md"
 START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
-PROBE_EVERY = 10
+PROBE_EVERY = 5
+# Probes in a row that begin (end) a collapse: together they stand for the detector's
+# window (recovery_window) of training steps.
+CONFIRM_PROBES = math.ceil(cw.DetectorConfig().window / PROBE_EVERY)
+RECOVERY_PROBES = math.ceil(cw.DetectorConfig().recovery_window / PROBE_EVERY)
 SPREAD_FRACTION = 0.1
 KNN_SHARE = 0.25
 SPARSE_INTERVALS = (4, 10)  # the recorded rows thinned to these intervals and replayed
@@ -260,7 +271,7 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-    collapsed_at = []
+    collapsed_at: list[tuple[int, bool]] = []
     peak = 0.0
     diverged = any(math.isnan(spread) for _, spread, _, _ in probes)
     ratios, peak_between = [], 0.0
@@ -272,24 +283,13 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
         ratios.append((step, spread / peak, between / peak_between))
         # kNN near chance says "never separated" only from the last probes on: at random
         # initialisation, with many classes, every model is near chance.
-        low_knn = i >= len(probes) - 3 and knn < chance + KNN_SHARE * (raw_knn - chance)
-        collapsed_at.append((step, spread < SPREAD_FRACTION * peak or low_knn))
-    truth_end = all(flag for _, flag in collapsed_at[-3:])
-    truth_ever = any(
-        all(flag for _, flag in collapsed_at[i : i + 3]) for i in range(len(collapsed_at) - 2)
-    )
-    truth_onset = None
-    if truth_end:
-        i = len(collapsed_at) - 1
-        while i > 0 and collapsed_at[i - 1][1]:
-            i -= 1
-        truth_onset = collapsed_at[i][0]
-    elif truth_ever:
-        truth_onset = next(
-            collapsed_at[i][0]
-            for i in range(len(collapsed_at) - 2)
-            if all(flag for _, flag in collapsed_at[i : i + 3])
+        low_knn = i >= len(probes) - CONFIRM_PROBES and knn < chance + KNN_SHARE * (
+            raw_knn - chance
         )
+        collapsed_at.append((step, spread < SPREAD_FRACTION * peak or low_knn))
+    onsets, truth_end = truth_collapses(collapsed_at)
+    truth_ever = bool(onsets)
+    truth_onset = onsets[-1] if truth_end else onsets[0] if onsets else None
     recorded = cw.load_run(watcher.path)
     verdict = cw.analyze(recorded)
     interval_agrees = tuple(same_verdict(recorded, every) for every in SPARSE_INTERVALS)
@@ -301,6 +301,22 @@ def run(regime: Regime, seed: int, logdir: Path) -> Outcome:
         probes[-1][2], raw_knn, chance, time.perf_counter() - started, diverged,
         interval_agrees, tuple(ratios),
     )  # fmt: skip
+
+
+def truth_collapses(collapsed_at: list[tuple[int, bool]]) -> tuple[list[int], bool]:
+    """The onsets of the collapses in (probe step, collapsed) pairs, and whether the last one
+    lasts to the end: a collapse begins with ``CONFIRM_PROBES`` collapsed probes in a row
+    (its onset, the first of them) and ends with ``RECOVERY_PROBES`` in a row that are not."""
+    onsets: list[int] = []
+    collapsed, stretch = False, []
+    for step, flag in collapsed_at:
+        stretch = [] if flag == collapsed else [*stretch, step]
+        if len(stretch) == (RECOVERY_PROBES if collapsed else CONFIRM_PROBES):
+            collapsed = flag
+            if collapsed:
+                onsets.append(stretch[0])
+            stretch = []
+    return onsets, collapsed
 
 
 def same_verdict(run: cw.Run, every: int) -> bool:

@@ -51,6 +51,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("loss_margin_ratio", "loss / margin", ".4f", bad="high"),
     Column("embedding_variance", "embedding variance", bad="low"),
     Column("mean_pairwise_distance", "mean pairwise distance", bad="low"),
+    Column(
+        "mean_between_class_distance", "mean distance between classes", needs_labels=True, bad="low"
+    ),
     Column("frac_easy", "easy", ".1%", needs_margin=True),
     Column("frac_semihard", "semi-hard", ".1%", needs_margin=True),
     Column("frac_hard", "hard", ".1%"),

@@ -6,11 +6,14 @@ runs the very same class over a saved run, so post-hoc verdicts equal the live o
 
 Rules (every threshold is a field of :class:`DetectorConfig`):
 
-* The embeddings have *contracted* at a step when the mean pairwise distance is below
+* The *spread* is the mean distance between classes (``mean_between_class_distance``)
+  where the labels are known, else the mean pairwise distance: same-class pairs are pulled
+  together on purpose, and their share of a batch is the sampler's (P×K), not the model's.
+* The embeddings have *contracted* at a step when the spread is below
   ``contraction_margin_fraction`` × margin **and** below ``contraction_peak_fraction`` × the
-  largest mean pairwise distance the run has had so far. The second test keeps a run whose
+  largest spread the run has had so far. The second test keeps a run whose
   embeddings start tiny and grow from being flagged: it has never had a spread to lose.
-* A run that has *never separated* (its largest mean pairwise distance still below
+* A run that has *never separated* (its largest spread still below
   ``contraction_margin_fraction`` × margin, not doubling) counts as contracted once that
   has lasted ``window`` steps; so does a held-out probe's spread (``watch(probe=...)``,
   eval mode) that has contracted by the same test.
@@ -267,11 +270,11 @@ class CollapseDetector:
     """Streaming collapse detector. Feed rows in step order with :meth:`update`.
 
     A row is a mapping with at least ``step``, ``loss_margin_ratio``, ``margin`` and
-    ``mean_pairwise_distance``; ``embedding_variance``, ``effective_rank``,
-    ``embedding_dim``, ``num_classes``, ``batch_size``, ``nonfinite_count`` and
-    ``num_valid_triplets`` are used when present. NaN means unknown; a step with unknown
-    values or no valid triplet is no evidence either way and leaves the plateau rule's
-    streaks as they were.
+    ``mean_pairwise_distance``; ``mean_between_class_distance``, ``embedding_variance``,
+    ``effective_rank``, ``embedding_dim``, ``num_classes``, ``batch_size``,
+    ``nonfinite_count`` and ``num_valid_triplets`` are used when present. NaN means
+    unknown; a step with unknown values or no valid triplet is no evidence either way and
+    leaves the plateau rule's streaks as they were.
     """
 
     config: DetectorConfig = field(default_factory=DetectorConfig)
@@ -284,6 +287,8 @@ class CollapseDetector:
     ever_collapsed: bool = False
     peak_distance: float = 0.0
     peak_distance_step: int | None = None
+    peak_between_class_distance: float = 0.0
+    peak_between_class_step: int | None = None
     peak_variance: float = 0.0
     peak_direction_spread: float = 0.0  # the largest std_of_l2_normalized so far
     # (step, loss/plateau, its step-to-step change) of the last `window` steps' rows: the
@@ -379,12 +384,29 @@ class CollapseDetector:
         c = self.config
         ratio = _value(row, "loss_margin_ratio")
         margin = _value(row, "margin")
-        distance = _value(row, "mean_pairwise_distance")
+        all_pairs = _value(row, "mean_pairwise_distance")
+        between = _value(row, "mean_between_class_distance")
         variance = _value(row, "embedding_variance")
-        if distance > self.peak_distance:
-            self.peak_distance, self.peak_distance_step = distance, step
+        if all_pairs > self.peak_distance:
+            self.peak_distance, self.peak_distance_step = all_pairs, step
+        if between > self.peak_between_class_distance:
+            self.peak_between_class_distance, self.peak_between_class_step = between, step
         if variance > self.peak_variance:
             self.peak_variance = variance
+        # The spread between classes where the labels are known: the loss pulls a class's
+        # rows together on purpose, and how many same-class pairs a batch holds is the
+        # sampler's choice (P×K), not the model's; over all pairs, a batch of 8 rows per
+        # class reads lower against its peak than the data does.
+        if math.isfinite(between):
+            distance, peak, peak_step = (
+                between,
+                self.peak_between_class_distance,
+                self.peak_between_class_step,
+            )
+            spread_name = "mean distance between classes"
+        else:
+            distance, peak, peak_step = all_pairs, self.peak_distance, self.peak_distance_step
+            spread_name = "mean pairwise distance"
         if not _informative(row, distance):
             # E.g. a small last batch with no valid triplet (loss 0): neither evidence of
             # collapse nor of health, so it must not break a streak either way.
@@ -395,7 +417,7 @@ class CollapseDetector:
         on_plateau = plateau_known and self._on_plateau(
             step, ratio, _value(row, "loss_margin_ratio_step_change")
         )
-        contracted = self._contracted(distance, self.peak_distance, margin)
+        contracted = self._contracted(distance, peak, margin)
         # On the plateau, a spread far below its own peak is enough: with many classes or
         # an unnormalised model it can stay above the margin-relative bound long after
         # the embeddings have lost all structure. So it is once a collapse is under way:
@@ -403,7 +425,7 @@ class CollapseDetector:
         # few hundredths of their peak would count as spread out again (a recovery whose
         # step depended on where the plateau band's edge fell).
         if not contracted and (on_plateau or self.plateau_state != HEALTHY):
-            contracted = distance < c.contraction_peak_fraction * self.peak_distance
+            contracted = distance < c.contraction_peak_fraction * peak
         # Directions: a loss that L2-normalises inside (cosine, a normalising distance)
         # can collapse every row onto one direction while the raw norms (and distances)
         # grow. Other losses do not see directions: rows along a line away from the origin
@@ -432,7 +454,7 @@ class CollapseDetector:
         # A run that has never separated counts only once that has lasted a window: a
         # model initialised near zero starts that way and must first have time to grow.
         self.unseparated_since = _streak(
-            self.unseparated_since, self._never_separated(margin), step
+            self.unseparated_since, self._never_separated(peak, margin), step
         )
         unseparated = not (contracted or probe_contracted) and _lasted(
             self.unseparated_since, step, c.window
@@ -445,12 +467,15 @@ class CollapseDetector:
         evidence = {
             "loss_margin_ratio": ratio,
             "margin": margin,
-            "mean_pairwise_distance": distance,
+            "mean_pairwise_distance": all_pairs,
             "peak_mean_pairwise_distance": self.peak_distance,
-            "peak_step": self.peak_distance_step,
+            "peak_step": peak_step,
             "embedding_variance": variance,
             "peak_embedding_variance": self.peak_variance,
         }
+        if math.isfinite(between):
+            evidence["mean_between_class_distance"] = between
+            evidence["peak_mean_between_class_distance"] = peak
         if math.isfinite(self.probe_distance):
             evidence["probe_mean_pairwise_distance"] = self.probe_distance
             evidence["peak_probe_mean_pairwise_distance"] = self.peak_probe_distance
@@ -465,8 +490,8 @@ class CollapseDetector:
             self.plateau_state, self.ever_collapsed = COLLAPSED, True
             self.clear.end()
             spread = (
-                f"the embeddings have never separated: the mean pairwise distance is "
-                f"{distance:.3g} and was never above {self.peak_distance:.3g} (under "
+                f"the embeddings have never separated: the {spread_name} is "
+                f"{distance:.3g} and was never above {peak:.3g} (under "
                 f"{c.contraction_margin_fraction:g} × "
                 f"{'the margin' if math.isfinite(margin) else '1, the cosine scale'}"
                 if unseparated
@@ -476,10 +501,10 @@ class CollapseDetector:
                 if probe_contracted
                 else f"the directions collapsed: the std of the L2-normalised embeddings fell "
                 f"to {direction:.3g} (peak {self.peak_direction_spread:.3g}, healthy "
-                f"1/√D = {1 / math.sqrt(dim):.3g}; mean pairwise distance {distance:.3g}"
+                f"1/√D = {1 / math.sqrt(dim):.3g}; {spread_name} {distance:.3g}"
                 if direction_contracted
-                else f"the mean pairwise distance fell to {distance:.3g} (peak "
-                f"{self.peak_distance:.3g} at step {self.peak_distance_step}"
+                else f"the {spread_name} fell to {distance:.3g} (peak {peak:.3g} at step "
+                f"{peak_step}"
             )
             if plateau_known:
                 message = (
@@ -512,7 +537,7 @@ class CollapseDetector:
                     self.peak_probe_distance,
                 )
                 if probe_contracted
-                else ("the mean pairwise distance", distance, self.peak_distance)
+                else (f"the {spread_name}", distance, peak)
             )
             message = (
                 f"Possible collapse at step {step}: {which} {now:.3g} is far below its peak "
@@ -528,7 +553,7 @@ class CollapseDetector:
             if state == COLLAPSED:
                 message = (
                     f"Recovered at step {step}: the embeddings have spread out again since "
-                    f"step {clear_since} (mean pairwise distance {distance:.3g}"
+                    f"step {clear_since} ({spread_name} {distance:.3g}"
                     + (f", {level} {ratio:.3f})." if plateau_known else ").")
                 )
                 return [Event(step, "recovered", HEALTHY, message, "", evidence)]
@@ -589,9 +614,9 @@ class CollapseDetector:
         # The step itself, or its recent level: a clean drop onto the plateau counts at once.
         return min(abs(ratio - 1.0), abs(level - 1.0)) <= band
 
-    def _never_separated(self, margin: float) -> bool:
-        """The run has never had a spread to lose: its largest mean pairwise distance is
-        still below ``contraction_margin_fraction`` × the margin, and it is not growing
+    def _never_separated(self, peak: float, margin: float) -> bool:
+        """The run has never had a spread to lose: its largest spread, ``peak``, is still
+        below ``contraction_margin_fraction`` × the margin, and it is not growing
         (a doubling of that largest distance restarts the count, so a model initialised
         near zero that is spreading out is never flagged). Without a margin the scale is 1
         for the cosine distance and there is no such rule for the others."""
@@ -600,14 +625,11 @@ class CollapseDetector:
         scale = margin if math.isfinite(margin) else 1.0 if self.distance == "cosine" else 0.0
         if not scale > 0:
             return False
-        if self.peak_distance >= self.config.contraction_margin_fraction * scale:
+        if peak >= self.config.contraction_margin_fraction * scale:
             self.unseparated_reference = None
             return False
-        if (
-            self.unseparated_reference is None
-            or self.peak_distance > 2 * self.unseparated_reference
-        ):
-            self.unseparated_reference = self.peak_distance
+        if self.unseparated_reference is None or peak > 2 * self.unseparated_reference:
+            self.unseparated_reference = peak
             return False  # growing: this step breaks the streak
         return True
 

@@ -17,6 +17,9 @@ loss_margin_ratio      loss / plateau, the plateau being the loss at zero distan
                        plateau; NaN without a margin
 embedding_variance     (1/D) Σ_d Var_i(z_id), unbiased (N − 1); 0 if N < 2
 mean_pairwise_distance mean over ordered pairs i ≠ j of d(z_i, z_j), as the loss sees it
+mean_between_class_distance  the same mean over pairs of different labels only (NaN without
+                       labels or with one class): the spread collapse takes away, whatever
+                       share of same-class pairs the sampler puts in a batch
 frac_easy/…semihard/…hard  share of valid triplets that are easy / semi-hard / hard
 frac_positive_loss     share of the loss's terms that are > 0
 hardest_positive_mean  mean over valid anchors of max_p d(a, p)
@@ -285,6 +288,10 @@ def explicit_triplet_statistics(
             sum_hardest_negative=d_an.sum(),
             num_pairs=torch.full_like(num, float(pairs)),
             sum_pairwise_distance=distances.sum() - distances.diagonal().sum(),
+            # Only the a–n and p–n pairs are known to be of different classes, not all of
+            # them: unknown, as for unlabelled rows.
+            num_between_class_pairs=torch.full_like(num, torch.nan),
+            sum_between_class_distance=torch.full_like(num, torch.nan),
         )
 
 
@@ -314,6 +321,8 @@ def unlabelled_statistics(embeddings: Tensor, distance: Distance) -> TripletStat
             sum_hardest_negative=nan,
             num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=z.device),
             sum_pairwise_distance=d.sum() - d.diagonal().sum(),
+            num_between_class_pairs=nan,
+            sum_between_class_distance=nan,
         )
 
 
@@ -475,4 +484,8 @@ def derive_metrics(
         if name in METRIC_COLUMNS:
             unknown = margin is None and name in MARGIN_RELATIVE
             columns[name] = np.full(len(steps), np.nan) if unknown else triplet[:, index]
+    # A batch of one class has no spread between classes: unknown, not 0 (a spread of 0
+    # would read as contracted).
+    between_pairs = vectors[:, _TRIPLET][:, STATISTIC_FIELDS.index("num_between_class_pairs")]
+    columns["mean_between_class_distance"][between_pairs == 0] = np.nan
     return {name: columns[name] for name in METRIC_COLUMNS}

@@ -198,11 +198,18 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "spread",
-        "<b>Spread</b> · ● mean pairwise distance, ■ embedding variance (log)",
+        "<b>Spread</b> · ● mean distance, ▼ between classes, ■ variance (log)",
         {"title": {"text": "distance, variance"}, "type": "log", "exponentformat": "power"},
         (
             (
                 Series("mean_pairwise_distance", "mean pairwise distance", symbol="circle"),
+                # What the detector judges where the labels are known (NaN without).
+                Series(
+                    "mean_between_class_distance",
+                    "mean distance between classes",
+                    "dashdot",
+                    symbol="triangle-down",
+                ),
                 Series("embedding_variance", "embedding variance", "dot", symbol="square"),
             ),
         ),

@@ -68,6 +68,8 @@ EVIDENCE_LABELS = {
     "margin": "margin",
     "mean_pairwise_distance": "mean pairwise distance",
     "peak_mean_pairwise_distance": "peak mean pairwise distance",
+    "mean_between_class_distance": "mean distance between classes",
+    "peak_mean_between_class_distance": "peak mean distance between classes",
     "peak_step": "peak at step",
     "embedding_variance": "embedding variance",
     "peak_embedding_variance": "peak embedding variance",

@@ -104,6 +104,7 @@ def statistics(
         else:
             terms = [(p - q) / s + margin for p, q in zip(hp, hn, strict=True)]
         pairs = [d[i, j] for i in range(n) for j in range(n) if i != j]
+        between = [d[i, j] for i in range(n) for j in range(n) if y[i] != y[j]]
 
     def ratio(num: float, den: int) -> float:
         return num / den if den else 0.0
@@ -123,6 +124,8 @@ def statistics(
         "hardest_positive_mean": ratio(sum(hp), len(anchors)),
         "hardest_negative_mean": ratio(sum(hn), len(anchors)),
         "mean_pairwise_distance": ratio(sum(pairs), len(pairs)),
+        "num_between_class_pairs": len(between),
+        "mean_between_class_distance": ratio(sum(between), len(between)),
     }
 
 

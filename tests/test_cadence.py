@@ -209,11 +209,11 @@ def test_statistics_without_difficulty_keep_what_every_step_needs():
     z, y = DigitsEmbedder()(images[:200]).detach(), labels[:200]
     full = functional.triplet_statistics(z, y, 0.2).as_dict()
     spread = functional.triplet_statistics(z, y, 0.2, with_difficulty=False).as_dict()
-    for name in ("num_valid_triplets", "num_valid_anchors", "num_loss_terms", "num_pairs"):
+    counts = ("num_valid_triplets", "num_valid_anchors", "num_loss_terms", "num_pairs")
+    for name in (*counts, "num_between_class_pairs"):
         assert spread[name].item() == full[name].item(), name
-    assert spread["mean_pairwise_distance"].item() == pytest.approx(
-        full["mean_pairwise_distance"].item(), rel=1e-6
-    )
+    for name in ("mean_pairwise_distance", "mean_between_class_distance"):
+        assert spread[name].item() == pytest.approx(full[name].item(), rel=1e-6), name
     for name in ("num_easy", "num_hard", "sum_hardest_positive", "frac_positive_loss"):
         assert math.isnan(spread[name].item()), name
 

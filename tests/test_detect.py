@@ -47,6 +47,27 @@ def test_plateau_with_contraction_collapses_after_the_window():
     assert evidence["since_step"] == 10 and evidence["peak_mean_pairwise_distance"] == 0.5
 
 
+def test_the_spread_between_classes_is_judged_where_the_labels_are_known():
+    # Tight classes at the margin: the mean over all pairs falls to 0.05 of its peak (most
+    # of a batch's pairs are same-class ones, now at 0), the mean between classes stays.
+    ratios, all_pairs = [2.0] * 10 + [1.0] * 40, [1.0] * 10 + [0.05] * 40
+    spread_apart = stream(ratios, all_pairs, mean_between_class_distance=1.2)
+    assert analyze(spread_apart).events == ()
+    assert kinds(analyze(spread_apart.drop(columns="mean_between_class_distance"))) == [
+        (10, "warning"),
+        (30, "collapsed"),
+    ]
+    # Between classes gone too: a collapse, its evidence naming both spreads.
+    between = [1.2] * 10 + [0.06] * 40
+    collapsed = analyze(stream(ratios, all_pairs, mean_between_class_distance=between))
+    assert kinds(collapsed) == [(10, "warning"), (30, "collapsed")]
+    evidence = collapsed.events[1].evidence
+    assert evidence["mean_between_class_distance"] == 0.06
+    assert evidence["peak_mean_between_class_distance"] == 1.2
+    assert evidence["mean_pairwise_distance"] == 0.05
+    assert "mean distance between classes fell to 0.06" in collapsed.events[1].message
+
+
 def test_a_ratio_near_one_alone_is_not_collapse():
     # Batch-all can average to ≈ margin while the embeddings are well spread.
     verdict = analyze(stream([0.99, 1.0, 1.01] * 30, [1.2] * 90))

@@ -57,6 +57,7 @@ def test_column_sets_are_derived_from_one_declaration() -> None:
     assert len(names) == len(set(names))
     assert tuple(names) == columns.METRIC_COLUMNS
     assert set(columns.LABEL_COLUMNS) == {
+        "mean_between_class_distance",
         "num_classes",
         "within_class_variance_ratio",
         "alignment",

@@ -22,6 +22,7 @@ from collapsewatch.statistics import (
     rank_step_size,
     rank_step_sums,
     step_vectors,
+    unlabelled_statistics,
 )
 from tests import reference
 
@@ -84,6 +85,7 @@ def test_every_column_matches_a_direct_computation():
             name: want[name]
             for name in (
                 "mean_pairwise_distance",
+                "mean_between_class_distance",
                 "frac_easy",
                 "frac_semihard",
                 "frac_hard",
@@ -212,6 +214,43 @@ def test_explicit_triplet_statistics():
     assert stats.hardest_positive_mean.item() == pytest.approx(d_ap.mean().item())
     assert stats.hardest_negative_mean.item() == pytest.approx(d_an.mean().item())
     assert stats.mean_pairwise_distance.item() == pytest.approx((pairwise.sum() / (36 * 35)).item())
+    # Only the a–n and p–n pairs are known to be of different classes: no between-class mean.
+    assert math.isnan(stats.mean_between_class_distance.item())
+
+
+def test_between_class_distance_does_not_depend_on_rows_per_class():
+    # The same four class points, each repeated k times (a P×K sampler's K): the mean over all
+    # pairs falls as k grows (more zero same-class pairs), the mean between classes does not.
+    g = torch.Generator().manual_seed(8)
+    points = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    got = {}
+    for k in (2, 8):
+        z, labels = points.repeat_interleave(k, 0), torch.arange(4).repeat_interleave(k)
+        _, stats = functional.batch_hard_triplet_loss(z, labels, 0.2, return_statistics=True)
+        got[k] = stats
+    between = torch.pdist(points).mean().item()
+    for stats in got.values():
+        assert stats.mean_between_class_distance.item() == pytest.approx(between, rel=1e-12)
+    assert got[8].mean_pairwise_distance.item() < 0.95 * got[2].mean_pairwise_distance.item()
+
+
+@pytest.mark.parametrize(
+    ("labels", "why"),
+    [([3] * 6, "one class"), (None, "no labels")],
+    ids=["one-class", "unlabelled"],
+)
+def test_between_class_distance_is_unknown_without_two_classes(labels, why):
+    z, _ = known_batch(4, n=6, dim=3)
+    if labels is None:
+        stats = unlabelled_statistics(z, "euclidean")
+    else:
+        _, stats = functional.batch_all_triplet_loss(
+            z, torch.tensor(labels), return_statistics=True
+        )
+    vector = step_vectors([None], [stats], embedding_sums(z)[None])[0]
+    m = derive([vector], dim=3)
+    assert math.isnan(m["mean_between_class_distance"][0]), why  # 0 would read as contracted
+    assert m["mean_pairwise_distance"][0] == pytest.approx(torch.pdist(z).mean().item())
 
 
 # Slow references for the label-aware columns: explicit loops over rows and pairs, float64.
@@ -344,7 +383,7 @@ def test_triplet_statistics_are_built_by_field_name():
     del fields["num_hard"]
     with pytest.raises(ValueError, match=r"missing \['num_hard'\], unknown \['num_harder'\]"):
         functional.TripletStatistics.of(**fields, num_harder=torch.tensor(0.0))
-    with pytest.raises(ValueError, match=r"must have shape \(11,\)"):
+    with pytest.raises(ValueError, match=rf"must have shape \({len(fields) + 1},\)"):
         functional.TripletStatistics(torch.zeros(10))
 
 

@@ -60,6 +60,8 @@ STATISTIC_FIELDS: tuple[str, ...] = (
     "sum_hardest_negative",
     "num_pairs",
     "sum_pairwise_distance",
+    "num_between_class_pairs",
+    "sum_between_class_distance",
 )
 """Sufficient statistics, in the order of ``TripletStatistics.values``. All are sums, so the
 statistics of several batches (or ranks) are the element-wise sum of their vectors."""
@@ -72,6 +74,7 @@ STATISTIC_RATIOS: dict[str, tuple[str, str]] = {
     "hardest_positive_mean": ("sum_hardest_positive", "num_valid_anchors"),
     "hardest_negative_mean": ("sum_hardest_negative", "num_valid_anchors"),
     "mean_pairwise_distance": ("sum_pairwise_distance", "num_pairs"),
+    "mean_between_class_distance": ("sum_between_class_distance", "num_between_class_pairs"),
 }
 """Monitored statistics as numerator / denominator of sufficient statistics. A ratio whose
 denominator is 0 (no valid triplet, anchor or pair in the batch) is defined as 0."""
@@ -105,7 +108,8 @@ class TripletStatistics:
     from a sample of anchors; every other field stays exact.
     ``num_loss_terms`` counts what the loss averages: all valid triplets for batch-all, valid
     anchors for batch-hard; ``num_positive_loss`` how many of those have a positive loss
-    term. ``num_pairs`` is N(N − 1), the ordered pairs i ≠ j.
+    term. ``num_pairs`` is N(N − 1), the ordered pairs i ≠ j; ``num_between_class_pairs``
+    the ordered pairs of different labels, Σ_i (N − n_{y_i}).
     """
 
     values: Tensor
@@ -143,6 +147,8 @@ class TripletStatistics:
     sum_hardest_negative = _field("sum_hardest_negative")
     num_pairs = _field("num_pairs")
     sum_pairwise_distance = _field("sum_pairwise_distance")
+    num_between_class_pairs = _field("num_between_class_pairs")
+    sum_between_class_distance = _field("sum_between_class_distance")
 
     frac_easy = _ratio("frac_easy")
     frac_semihard = _ratio("frac_semihard")
@@ -151,6 +157,7 @@ class TripletStatistics:
     hardest_positive_mean = _ratio("hardest_positive_mean")
     hardest_negative_mean = _ratio("hardest_negative_mean")
     mean_pairwise_distance = _ratio("mean_pairwise_distance")
+    mean_between_class_distance = _ratio("mean_between_class_distance")
 
     def ratios(self) -> Tensor:
         """(len(STATISTIC_RATIOS),) float64 tensor of the monitored ratios, in one kernel."""
@@ -429,7 +436,7 @@ class _LabelledBatch:
         n = d.shape[0]
         num_easy, num_semihard, num_hard = counts
         # One kernel: the stack promotes every entry to float64 (num_pairs is), so the integer
-        # counts stay exact up to 2⁵³; converting each first would be eleven more kernels.
+        # counts stay exact up to 2⁵³; converting each first would be a dozen more kernels.
         return TripletStatistics.of(
             num_valid_triplets=self.num_valid_triplets,
             num_valid_anchors=self.num_valid_anchors,
@@ -442,6 +449,8 @@ class _LabelledBatch:
             sum_hardest_negative=hardest_negative.detach().sum(),
             num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
             sum_pairwise_distance=d.sum() - d.diagonal().sum(),
+            num_between_class_pairs=(n - self.class_size).sum(),
+            sum_between_class_distance=torch.where(self.negative, d, 0.0).sum(),
         )
 
 
@@ -755,8 +764,9 @@ def triplet_statistics(
 
 def _spread_statistics(embeddings: Tensor, labels: Tensor, distance: Distance) -> TripletStatistics:
     """The statistics every step needs, of an (N, D) batch: the valid triplet and anchor
-    counts and the pairwise distance sum; the per-anchor ones (difficulty counts,
-    hardest-pair sums, positive-loss count) NaN. A handful of kernels, no N×N masks."""
+    counts and the pairwise distance sums (all pairs, and between classes); the per-anchor
+    ones (difficulty counts, hardest-pair sums, positive-loss count) NaN. A handful of
+    kernels; one N×N mask, of different labels."""
     n = labels.shape[0]
     d = pairwise_distances(embeddings, distance)
     class_size = _class_sizes(labels)
@@ -775,4 +785,6 @@ def _spread_statistics(embeddings: Tensor, labels: Tensor, distance: Distance) -
         sum_hardest_negative=nan,
         num_pairs=torch.full((), float(n * (n - 1)), dtype=torch.float64, device=d.device),
         sum_pairwise_distance=d.sum() - d.diagonal().sum(),
+        num_between_class_pairs=num_negatives.sum(),
+        sum_between_class_distance=torch.where(labels[:, None] != labels[None, :], d, 0.0).sum(),
     )

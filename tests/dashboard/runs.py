@@ -52,6 +52,7 @@ def metrics_frame(
             "loss_margin_ratio": ratio,
             "embedding_variance": mpd**2 / (2 * DIM),
             "mean_pairwise_distance": mpd,
+            "mean_between_class_distance": 1.1 * mpd,  # same-class pairs are the closer ones
             "frac_easy": np.where(collapsed, 0.0, 0.5),
             "frac_semihard": np.where(collapsed, 0.0, 0.3),
             "frac_hard": np.where(collapsed, 1.0, 0.2),
@@ -221,7 +222,7 @@ def write_broken(logdir: Path, name: str = "broken", kind: str = "garbage") -> P
 # The runs a reader must be able to read, each alone or side by side: case -> what to write.
 READABILITY_CASES = ("healthy", "collapsed", "margin-free", "diverged", "ten runs")
 # Traces with data each panel shows for one run holding every metric.
-FULL_PANELS = {"loss": 1, "spread": 2, "difficulty": 2, "rank": 2, "sphere": 1, "geometry": 3}
+FULL_PANELS = {"loss": 1, "spread": 3, "difficulty": 2, "rank": 2, "sphere": 1, "geometry": 3}
 
 
 def write_case(logdir: Path, case: str) -> tuple[list[str], dict[str, int]]:

@@ -204,6 +204,9 @@ def _frame(
             "loss_margin_ratio": ratio,
             "embedding_variance": variance,
             "mean_pairwise_distance": mpd,
+            # Same-class pairs are the close ones while the classes are apart; collapsed,
+            # every pair is as close.
+            "mean_between_class_distance": mpd * (1 + 0.1 * np.clip(std * math.sqrt(DIM), 0, 1)),
             "frac_easy": easy,
             "frac_semihard": semi,
             "frac_hard": hard,

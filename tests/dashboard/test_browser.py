@@ -151,10 +151,10 @@ def test_a_run_appended_by_another_process_grows_on_screen(
         ".filter(t => axes.includes(t.yaxis) && t.name === 'live').map(t => t.x.length)",
         [data_axis(i) for i in range(len(PANEL_LIST))],
     )
-    # loss, distance, variance, hard, semi-hard, std; the rank and the class geometry are
-    # measured every 10th step only.
+    # loss, distance, distance between classes, variance, hard, semi-hard, std; the rank and
+    # the class geometry are measured every 10th step only.
     every_step = [n for n in lengths if n >= before + 30]
-    assert len(lengths) == 11 and len(every_step) == 6
+    assert len(lengths) == 12 and len(every_step) == 7
     # The run list follows too.
     step = _row(page, "live.cwrun").locator(".cw-stat").nth(2)
     first = int(step.inner_text().split()[-1].replace(",", ""))

@@ -236,6 +236,28 @@ def test_panels_survive_missing_columns(logdir: Path) -> None:
     json.dumps(figure)
 
 
+def test_the_spread_panel_draws_the_spread_between_classes_where_it_is_known(
+    logdir: Path,
+) -> None:
+    write_run(logdir, "labelled", steps=30)
+    unlabelled = metrics_frame(range(30))
+    unlabelled["mean_between_class_distance"] = np.nan  # explicit triplets: unknown
+    writer = RunWriter(logdir / "unlabelled.cwrun", {"margin": 0.2})
+    writer.append_metrics(unlabelled)
+    writer.close()
+    cache = RunCache(logdir)
+    for name, drawn in (("labelled", True), ("unlabelled", False)):
+        view = cache.view(f"{name}.cwrun")
+        figure, _ = panels_figure([view], {f"{name}.cwrun": "#000000"}, 100)
+        spread = _series(figure, "spread")
+        assert ("mean distance between classes" in spread) is drawn, name
+        assert {"mean pairwise distance", "embedding variance"} <= set(spread)
+        if drawn:
+            between = spread["mean distance between classes"]
+            frame = view.metrics.set_index("step")["mean_between_class_distance"]
+            assert between["y"] == pytest.approx(frame.loc[between["x"]].tolist())
+
+
 def test_nan_becomes_null_not_invalid_json(logdir: Path) -> None:
     writer = RunWriter(logdir / "n.cwrun", {"margin": 0.2})
     frame = metrics_frame(range(5))

@@ -411,8 +411,9 @@ class Capture:
             self._warn(
                 "labels",
                 f"watch(): {type(self.loss_fn).__name__} is called with (anchor, positive, "
-                f"negative) and no labels: {', '.join(LABEL_COLUMNS)} are NaN and dimensional "
-                "collapse is judged against the embedding dimension, not the classes",
+                f"negative) and no labels: {', '.join(LABEL_COLUMNS)} are NaN, the spread is "
+                "judged over all pairs and dimensional collapse against the embedding "
+                "dimension, not the classes",
             )
         labels = call.labels if call is not None else None
         if labels is not None and labels.shape[0] != embeddings.shape[0]:

@@ -497,7 +497,7 @@ class CollapseDetector:
                 if unseparated
                 else f"the held-out probe's mean pairwise distance fell to "
                 f"{self.probe_distance:.3g} (peak {self.peak_probe_distance:.3g}, the training "
-                f"batch's {distance:.3g} with dropout/augmentation on"
+                f"batch's {spread_name} {distance:.3g} with dropout/augmentation on"
                 if probe_contracted
                 else f"the directions collapsed: the std of the L2-normalised embeddings fell "
                 f"to {direction:.3g} (peak {self.peak_direction_spread:.3g}, healthy "

@@ -198,7 +198,7 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "spread",
-        "<b>Spread</b> · ● mean distance, ▼ between classes, ■ variance (log)",
+        "<b>Spread</b> · mean distance: ● all pairs, ▼ between classes; ■ variance (log)",
         {"title": {"text": "distance, variance"}, "type": "log", "exponentformat": "power"},
         (
             (
